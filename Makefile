@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine with only Python 3.10+:
+#   make demo  — install into .venv, train the digits quickstart, sample a grid
+#   make test  — install into .venv with test extras, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+RUN    ?= runs/digits
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python train.py --config=configs/edm.py:digits --workdir=$(RUN)
+	$(BIN)/python sample.py --workdir=$(RUN) --seeds=0-99 --out=$(RUN)/final
+	$(BIN)/python evaluate.py digits --workdir=$(RUN)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check diffjax configs tests benchmarks train.py sample.py evaluate.py
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .jax_cache

@@ -1,0 +1,44 @@
+"""Data: the TFDS input pipeline, the built-in digits dataset and EDM's non-leaking augmentation.
+
+    spec = diffjax.data.get_dataset_spec('digits')          # resolution, channels, num_classes, ...
+    it = diffjax.data.make_iterator('digits', global_batch_size=128, seed=0, start_step=0)
+    batch = next(it)   # {'image': float32 [B_local, H, W, C] in [-1, 1], 'label': int32 [B_local]}
+    images, labels = diffjax.data.load_split_as_array('digits', 'test')     # uint8, int32
+    images_aug, aug_labels = diffjax.data.augment(key, images, p=0.12)       # jittable
+
+Importing this package registers the datasets (kind 'dataset' in `diffjax.registry`) and the 'digits'
+TFDS builder; it does not import TensorFlow.
+"""
+
+from diffjax.data.augment import AugmentConfig, affine_resample, augment, augment_params
+from diffjax.data.pipeline import (
+  BatchIterator,
+  DatasetNotPreparedError,
+  DatasetSpec,
+  get_dataset_spec,
+  list_datasets,
+  load_split_as_array,
+  make_iterator,
+  preprocess_image,
+  register_dataset,
+  register_image_folder,
+  resolve_data_dir,
+)
+
+__all__ = [
+  'AugmentConfig',
+  'BatchIterator',
+  'DatasetNotPreparedError',
+  'DatasetSpec',
+  'affine_resample',
+  'augment',
+  'augment_params',
+  'get_dataset_spec',
+  'list_datasets',
+  'load_split_as_array',
+  'make_iterator',
+  'preprocess_image',
+  'register_dataset',
+  'register_image_folder',
+  'resolve_data_dir',
+]

@@ -1,0 +1,65 @@
+"""Evaluation: FID / KID / IS with the standard Inception-v3, reference statistics, the digits evaluator."""
+
+from diffjax.evaluation.digits_classifier import (
+  DIGITS_CLASSIFIER_PATH,
+  digits_features,
+  digits_logits,
+  digits_metrics,
+  digits_reference_statistics,
+  load_digits_classifier,
+  load_digits_split,
+)
+from diffjax.evaluation.fid import (
+  Statistics,
+  StreamingStats,
+  batch_moments,
+  fid_from_statistics,
+  frechet_distance,
+  inception_score,
+  kernel_inception_distance,
+  load_statistics,
+  quantize_images,
+  save_statistics,
+  statistics_from_features,
+)
+from diffjax.evaluation.inception import (
+  InceptionV3,
+  download_inception,
+  find_inception_weights,
+  inception_params_from_state_dict,
+  inception_state_dict_layout,
+  load_inception_params,
+  make_inception_fn,
+  resize_bilinear_tf1,
+)
+from diffjax.evaluation.pth import load_pth
+
+__all__ = [
+  'DIGITS_CLASSIFIER_PATH',
+  'InceptionV3',
+  'Statistics',
+  'StreamingStats',
+  'batch_moments',
+  'digits_features',
+  'digits_logits',
+  'digits_metrics',
+  'digits_reference_statistics',
+  'download_inception',
+  'fid_from_statistics',
+  'find_inception_weights',
+  'frechet_distance',
+  'inception_params_from_state_dict',
+  'inception_score',
+  'inception_state_dict_layout',
+  'kernel_inception_distance',
+  'load_digits_classifier',
+  'load_digits_split',
+  'load_inception_params',
+  'load_pth',
+  'load_statistics',
+  'make_inception_fn',
+  'quantize_images',
+  'resize_bilinear_tf1',
+  'save_statistics',
+  'statistics_from_features',
+]

@@ -1,0 +1,82 @@
+"""Samplers: pure functions over a σ-grid that talk to a model only through `denoise_fn(x, σ)`.
+
+Low level (σ-space, DESIGN.md's public API):
+    x0 = samplers.heun(denoise_fn, latents * sigmas[0], sigmas, key=keys, s_churn=...)
+    x0 = samplers.euler(...)
+    x0 = samplers.generalized(denoise_fn, latents, num_steps=18, discretization='edm', ...)
+    denoise_fn = samplers.guided(denoise_cond, denoise_uncond, w)
+
+High level (what configs name): every registered sampler has the signature
+
+    sampler(denoise_fn, latents, keys, *, precond, num_steps, **options) -> images
+
+with standard-normal `latents` [B, H, W, C], per-sample `keys` [B] (`seed_keys(seeds)`; None for a
+deterministic sampler) and the network's `precond.Preconditioning` (its σ range and round_sigma).
+`get_sampler(name)` looks one up; an unknown name fails with the list of known ones.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from diffjax import registry
+from diffjax.precond import Preconditioning
+from diffjax.samplers import guidance, noise, ode
+from diffjax.samplers.guidance import combine, guided, guided_batched
+from diffjax.samplers.noise import latents, seed_keys
+from diffjax.samplers.ode import (edm_grid_for, euler, generalized, generalized_setup, heun,
+                                  integrate, ode_derivative)
+
+__all__ = [
+    'combine', 'edm_grid_for', 'euler', 'generalized', 'generalized_setup', 'get_sampler',
+    'guidance', 'guided', 'guided_batched', 'heun', 'integrate', 'latents', 'names', 'noise', 'ode',
+    'ode_derivative', 'seed_keys',
+]
+
+
+def _edm_sampler(solver: str) -> Callable:
+  """The registry form of EDM's sampler with `solver`: Karras grid clamped to the network."""
+
+  def sampler(denoise_fn, latents: jax.Array, keys=None, *, precond: Preconditioning,
+              num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+              s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float('inf'),
+              s_noise: float = 1.0) -> jax.Array:
+    sigmas = edm_grid_for(precond, num_steps, sigma_min, sigma_max, rho)
+    x = latents * jnp.asarray(sigmas[0], latents.dtype)
+    return solve(denoise_fn, x, sigmas, key=keys, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                 s_noise=s_noise, round_sigma=precond.round_sigma)
+
+  solve = {'euler': euler, 'heun': heun}[solver]
+
+  sampler.__name__ = f'{solver}_sampler'
+  sampler.__doc__ = (
+      f'EDM sampler with the {solver} solver on the Karras grid clamped to precond\'s σ range.\n\n'
+      '  Args: denoise_fn, latents [B, ...] standard normal, keys [B] or None; precond, num_steps;\n'
+      '  sigma_min, sigma_max, rho (grid); s_churn, s_tmin, s_tmax, s_noise (EDM Alg. 2).\n')
+  return sampler
+
+
+def _generalized_sampler(denoise_fn, latents: jax.Array, keys=None, *,
+                         precond: Optional[Preconditioning], num_steps: int,
+                         **options) -> jax.Array:
+  """EDM's generalized sampler (see `ode.generalized` for the options)."""
+  return generalized(denoise_fn, latents, num_steps=num_steps, keys=keys, precond=precond,
+                     **options)
+
+
+registry.add('sampler', 'euler', _edm_sampler('euler'))
+registry.add('sampler', 'heun', _edm_sampler('heun'))
+registry.add('sampler', 'generalized', _generalized_sampler)
+
+
+def get_sampler(name: str) -> Callable:
+  """The registered sampler `name`; raises registry.UnknownNameError listing the known names."""
+  return registry.get('sampler', name)
+
+
+def names() -> list[str]:
+  """Names of the registered samplers."""
+  return registry.names('sampler')

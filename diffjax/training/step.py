@@ -1,0 +1,94 @@
+"""The pure training step: one optimizer update of a denoiser under an EDM-family loss.
+
+`make_train_step` closes over the parts (denoiser, loss, optimizer, augmentation) and returns
+`train_step(state, batch, base_key) -> (state, metrics)`, a pure function of arrays that the loop
+jits with the mesh's shardings. Randomness comes from `fold_in(base_key, step)`, so a resumed run
+draws exactly the noise the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffjax import losses as losses_lib
+from diffjax.precond import Denoiser
+from diffjax.training import state as state_lib
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every leaf of the pytree is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(denoiser: Denoiser, loss: losses_lib.DenoisingLoss,
+                    tx: optax.GradientTransformation, *, batch_size: int,
+                    ema_halflife_images: float, ema_rampup_ratio: Optional[float] = 0.05,
+                    num_classes: int = 0, augment_fn: Optional[Callable] = None,
+                    skip_nonfinite: bool = False, lr_fn: Optional[Callable] = None) -> Callable:
+  """Builds the pure train step.
+
+  Args:
+    denoiser: the preconditioned network.
+    loss: σ distribution and weighting.
+    tx: the optimizer.
+    batch_size: global batch size, for the image-based EMA.
+    ema_halflife_images, ema_rampup_ratio: EMA half-life in images and its ramp-up ratio.
+    num_classes: > 0 feeds one-hot class labels to the network.
+    augment_fn: (key, images [B,H,W,C]) -> (images, augment_labels [B, A]) or None.
+    skip_nonfinite: when a loss or gradient is non-finite, leave the state unchanged (besides the
+      step counter) instead of applying the update.
+    lr_fn: step -> learning rate, only reported in the metrics.
+
+  Returns:
+    train_step(state, batch, base_key) -> (new_state, metrics); batch = {'image': [B,H,W,C] in
+    [-1, 1], 'label': int [B]}; metrics are scalars: loss, grad_norm, finite, lr, ema_beta.
+  """
+
+  def loss_fn(params, batch, key):
+    key_aug, key_loss, key_dropout = jax.random.split(key, 3)
+    y = batch['image']
+    class_labels = None
+    if num_classes > 0:
+      class_labels = jax.nn.one_hot(batch['label'], num_classes, dtype=jnp.float32)
+    augment_labels = None
+    if augment_fn is not None:
+      y, augment_labels = augment_fn(key_aug, y)
+
+    def denoise(x, sigma):
+      return denoiser(params, x, sigma, class_labels, augment_labels, train=True,
+                      rngs={'dropout': key_dropout})
+
+    return losses_lib.denoising_loss(denoise, loss, y, key_loss)
+
+  def train_step(state: state_lib.TrainState, batch, base_key):
+    key = jax.random.fold_in(base_key, state.step)
+    (value, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    beta = state_lib.ema_beta(state.step, batch_size, ema_halflife_images, ema_rampup_ratio)
+    ema_params = state_lib.update_ema(state.ema_params, params, beta)
+    # Params are checked too: a finite gradient with a bad learning rate can still poison them.
+    finite = jnp.isfinite(value) & all_finite(grads) & all_finite(params)
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                              opt_state=opt_state)
+    if skip_nonfinite:
+      keep_old = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      new_state = new_state.replace(
+          params=keep_old(params, state.params), ema_params=keep_old(ema_params, state.ema_params),
+          opt_state=keep_old(opt_state, state.opt_state))
+    metrics = {
+        'loss': value,
+        'grad_norm': optax.global_norm(grads),
+        'finite': finite,
+        'ema_beta': beta,
+    }
+    if lr_fn is not None:
+      metrics['lr'] = lr_fn(state.step)
+    return new_state, metrics
+
+  return train_step
