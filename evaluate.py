@@ -1,8 +1,30 @@
-"""Evaluates a trained run.
+"""Evaluates trained runs and image sets: FID / IS / KID with Inception, reference statistics, digits.
 
+  # Inception reference statistics of a dataset split, in NVlabs/edm's .npz format (mu, sigma):
+  python evaluate.py ref --dataset=cifar10 [--split=train --data_dir=... --out=refs/cifar10-train.npz
+                         --max_images=N --features]
+
+  # FID of a run's samples (N images from seeds, sharded over every device); results to
+  # WORKDIR/eval/fid_<step>_<settings>.json with a PNG of the first 100 samples beside it:
+  python evaluate.py fid --workdir=runs/cifar10 --ref=refs/cifar10-train.npz [--num=50000
+                         --seeds=0-49999 --first_seed=0 --protocol=edm3 --metrics=fid,is,kid
+                         --sampler=heun --steps=18 --churn=40 --s_tmin=0.05 --s_tmax=50
+                         --s_noise=1.003 --guidance=0 --step=N --batch=128 --out=result.json]
+
+  # The same on images: an .npz with uint8 `images` [N, H, W, C], or a folder of PNG/JPEG files:
+  python evaluate.py fid --images=samples.npz --ref=refs/cifar10-train.npz [--out=result.json]
+
+  # The CPU-scale digits evaluator (classifier Fréchet distance and accuracy):
   python evaluate.py digits --workdir=runs/digits [--num=1000 --sampler=heun --steps=18]
 
-Results go to WORKDIR/eval/*.json (and a PNG of the first 100 samples).
+--ref may be statistics (.npz with mu/sigma, ours or EDM's), images (.npz with `images` or a folder)
+or a dataset name (`cifar10`, `digits:test`). KID needs reference features: images, a dataset, or
+statistics written by `ref --features`. --protocol=edm3 is EDM's: FID of three seed sets (0 to N−1,
+N to 2N−1, 2N to 3N−1), each reported, the minimum on top. Greyscale images go to Inception with
+the grey channel repeated to RGB.
+
+Inception weights: --inception=PATH, else $DIFFJAX_INCEPTION_WEIGHTS, ~/.cache/diffjax/ or torch.hub's
+cache (the error says where to put the file when none is found).
 """
 
 import json
@@ -12,16 +34,94 @@ from absl import app, flags
 from diffjax import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of a train.py run.')
-_NUM = flags.DEFINE_integer('num', 1000, 'Number of images to generate.')
+_IMAGES = flags.DEFINE_string('images', None, 'fid: an .npz with uint8 `images` or a folder of PNGs, '
+                              'instead of --workdir.')
+_REF = flags.DEFINE_string('ref', None, 'fid: reference statistics .npz, images (.npz or folder) or a '
+                           'dataset name[:split].')
+_DATASET = flags.DEFINE_string('dataset', None, 'ref: the dataset name.')
+_SPLIT = flags.DEFINE_string('split', 'train', 'ref: the split (also for a --ref dataset name).')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data directory (default $TFDS_DATA_DIR).')
+_OUT = flags.DEFINE_string('out', None, 'ref: the .npz to write (default refs/DATASET-SPLIT.npz); '
+                           'fid: the JSON to write (default WORKDIR/eval/fid_*.json).')
+_MAX_IMAGES = flags.DEFINE_integer('max_images', None, 'ref: use only the first N images.')
+_FEATURES = flags.DEFINE_bool('features', False, 'ref: also store the pool3 features (for KID).')
+_NUM = flags.DEFINE_integer('num', None, 'Images to generate (per seed set): fid 50000, digits 1000.')
+_SEEDS = flags.DEFINE_string('seeds', None, 'fid: explicit seeds, e.g. 0-49999 (overrides --num).')
 _FIRST_SEED = flags.DEFINE_integer('first_seed', 0, 'Seed of the first image.')
+_PROTOCOL = flags.DEFINE_string('protocol', None, 'fid: edm3 = min FID over three seed sets.')
+_METRICS = flags.DEFINE_string('metrics', 'fid', 'fid: comma-separated subset of fid,is,kid.')
 _SAMPLER = flags.DEFINE_string('sampler', None, 'Sampler name (default: the config\'s).')
 _STEPS = flags.DEFINE_integer('steps', None, 'Sampling steps (default: the config\'s).')
 _CHURN = flags.DEFINE_float('churn', None, 'S_churn of the stochastic EDM sampler.')
+_S_TMIN = flags.DEFINE_float('s_tmin', None, 'S_tmin.')
+_S_TMAX = flags.DEFINE_float('s_tmax', None, 'S_tmax.')
+_S_NOISE = flags.DEFINE_float('s_noise', None, 'S_noise.')
 _GUIDANCE = flags.DEFINE_float('guidance', 0.0, 'Classifier-free guidance weight w.')
-_BATCH = flags.DEFINE_integer('batch', 500, 'Images per batch.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
+_BATCH = flags.DEFINE_integer('batch', None, 'Images per batch over all devices (fid/ref 128, '
+                              'digits 500).')
+_INCEPTION = flags.DEFINE_string('inception', None, 'Path of the FID Inception weights (.pth).')
+_PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars.')
 _DEBUG = flags.DEFINE_bool('debug', False, 'Show full tracebacks.')
 
-MODES = ('digits',)
+MODES = ('ref', 'fid', 'digits')
+
+
+def _sampler_options() -> dict:
+  return {k: v for k, v in {'s_churn': _CHURN.value, 's_tmin': _S_TMIN.value,
+                            's_tmax': _S_TMAX.value, 's_noise': _S_NOISE.value}.items()
+          if v is not None}
+
+
+def _ref(runs) -> dict:
+  if not _DATASET.value:
+    raise ValueError('Pass --dataset=NAME for `evaluate.py ref`.')
+  from diffjax import data
+  data.get_dataset_spec(_DATASET.value)  # unknown names fail before the weights are read
+  out = _OUT.value or f'refs/{_DATASET.value}-{_SPLIT.value}.npz'
+  variables = runs.load_inception(_INCEPTION.value)
+  stats = runs.reference_statistics(
+    _DATASET.value, split=_SPLIT.value, data_dir=_DATA_DIR.value, out=out,
+    max_images=_MAX_IMAGES.value, keep_features=_FEATURES.value, batch_size=_BATCH.value or 128,
+    inception_variables=variables, progress=_PROGRESS.value)
+  return {'out': out, 'dataset': _DATASET.value, 'split': _SPLIT.value, 'num_images': stats.n}
+
+
+def _fid(runs) -> dict:
+  if bool(_WORKDIR.value) == bool(_IMAGES.value):
+    raise ValueError('Pass either --workdir=DIR (sample a run) or --images=NPZ_OR_FOLDER, not both.')
+  metrics = runs.parse_metrics(_METRICS.value)
+  # Everything cheap to check is checked before the Inception weights are read or anything sampled.
+  runs.check_reference(_REF.value, need_features='kid' in metrics, split=_SPLIT.value)
+  common = dict(metrics=metrics, split=_SPLIT.value, data_dir=_DATA_DIR.value, out=_OUT.value,
+                batch_size=_BATCH.value or 128, progress=_PROGRESS.value)
+  if _IMAGES.value:
+    if _PROTOCOL.value or _SEEDS.value:
+      raise ValueError('--protocol and --seeds choose what to sample; they need --workdir, '
+                       'not --images.')
+    runs.file_source(_IMAGES.value)
+    variables = runs.load_inception(_INCEPTION.value)
+    return runs.evaluate_images(_IMAGES.value, _REF.value, inception_variables=variables, **common)
+  num = 50_000 if _NUM.value is None else _NUM.value
+  from diffjax import build
+  build.read_config(_WORKDIR.value)  # not a run: say so before reading weights
+  runs.seed_sets(num, seeds=_SEEDS.value, first_seed=_FIRST_SEED.value, protocol=_PROTOCOL.value)
+  variables = runs.load_inception(_INCEPTION.value)
+  return runs.evaluate_fid(
+    _WORKDIR.value, _REF.value, num_images=num, seeds=_SEEDS.value, first_seed=_FIRST_SEED.value,
+    protocol=_PROTOCOL.value, sampler=_SAMPLER.value, num_steps=_STEPS.value,
+    guidance=_GUIDANCE.value, step=_STEP.value, inception_variables=variables, **common,
+    **_sampler_options())
+
+
+def _digits(runs) -> dict:
+  if not _WORKDIR.value:
+    raise ValueError('Pass --workdir=DIR of a train.py run.')
+  return runs.evaluate_digits(
+    _WORKDIR.value, num_images=1000 if _NUM.value is None else _NUM.value,
+    first_seed=_FIRST_SEED.value, sampler=_SAMPLER.value, num_steps=_STEPS.value,
+    guidance=_GUIDANCE.value, batch_size=_BATCH.value or 500, step=_STEP.value,
+    progress=_PROGRESS.value, **_sampler_options())
 
 
 def main(argv):
@@ -29,22 +129,17 @@ def main(argv):
 
   def run():
     mode = argv[1] if len(argv) > 1 else None
-    if mode not in MODES:
-      raise ValueError(f'Name an evaluation mode first ({", ".join(MODES)}), e.g. '
-                       '`evaluate.py digits --workdir=runs/digits`.')
-    if not _WORKDIR.value:
-      raise ValueError('Pass --workdir=DIR of a train.py run.')
+    if mode not in MODES or len(argv) > 2:
+      given = f'Unknown mode {" ".join(argv[1:])!r}' if mode else 'No mode given'
+      raise ValueError(f'{given}; name one of {", ".join(MODES)} first, e.g. '
+                       '`evaluate.py fid --workdir=runs/cifar10 --ref=refs/cifar10-train.npz`.')
     from diffjax.evaluation import runs
     cli.enable_compilation_cache()
-    options = {} if _CHURN.value is None else {'s_churn': _CHURN.value}
-    metrics = runs.evaluate_digits(_WORKDIR.value, num_images=_NUM.value,
-                                   first_seed=_FIRST_SEED.value, sampler=_SAMPLER.value,
-                                   num_steps=_STEPS.value, guidance=_GUIDANCE.value,
-                                   batch_size=_BATCH.value, progress=True, **options)
-    print(json.dumps(metrics, indent=2), flush=True)
+    result = {'ref': _ref, 'fid': _fid, 'digits': _digits}[mode](runs)
+    print(json.dumps(result, indent=2), flush=True)
 
   raise SystemExit(cli.run(run, _DEBUG.value))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

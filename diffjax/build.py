@@ -36,7 +36,7 @@ def _kwargs(node) -> dict:
 def dataset_spec(config):
   """The registered dataset's spec (resolution, channels, classes)."""
   from diffjax import data  # TensorFlow is imported only when data is needed.
-  return data.get_dataset_spec(config.data.name)
+  return data.get_dataset_spec(config.data.name, data_dir=config.data.data_dir or None)
 
 
 def num_classes(config, spec) -> int:
@@ -63,6 +63,20 @@ def build_precond(config) -> precond_lib.Preconditioning:
 
 def build_loss(config) -> losses_lib.DenoisingLoss:
   return losses_lib.get_loss(config.loss.name, **_kwargs(config.loss.kwargs))
+
+
+def build_objective(config, spec, denoiser: precond_lib.Denoiser) -> Callable:
+  """`loss_fn(params, batch, key) -> (loss, aux)` for config.loss.
+
+  A registered loss either is a `losses.DenoisingLoss` (the EDM family) or provides
+  `objective(denoiser, num_classes=..., augment_fn=...)` itself (other papers' losses).
+  """
+  from diffjax.training import step as step_lib
+  loss = build_loss(config)
+  kwargs = dict(num_classes=num_classes(config, spec), augment_fn=build_augment(config))
+  if isinstance(loss, losses_lib.DenoisingLoss):
+    return step_lib.denoising_objective(denoiser, loss, **kwargs)
+  return loss.objective(denoiser, **kwargs)
 
 
 def build_denoiser(config, spec) -> precond_lib.Denoiser:

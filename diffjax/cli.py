@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 # Errors whose message is already a sentence for the user.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError, PermissionError, OSError)
@@ -55,3 +56,59 @@ def run(main: Callable[[], int | None], debug: bool) -> int:
       raise
     print(f'error: {error_message(e)}', file=sys.stderr)
     return 2
+
+
+def _load_config_arg(argv: Sequence[str]):
+  """The config named by --config=FILE.py[:ARG] in argv, or None if it can't be loaded."""
+  import importlib.util
+  for arg in argv:
+    m = re.match(r'--config=([^:]+)(?::(.*))?$', arg)
+    if m:
+      try:
+        spec = importlib.util.spec_from_file_location('_diffjax_config', m.group(1))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(m.group(2)) if m.group(2) is not None else module.get_config()
+      except Exception:  # noqa: BLE001 - only used to improve an error message.
+        return None
+  return None
+
+
+def _unknown_override(argv: Sequence[str]) -> str | None:
+  """Names the first --config.a.b=… override that is not a field of the loaded config."""
+  config = _load_config_arg(argv)
+  if config is None:
+    return None
+  for arg in argv:
+    m = re.match(r'--config\.([\w.]+)(=|$)', arg)
+    if not m:
+      continue
+    node, path = config, m.group(1).split('.')
+    for i, key in enumerate(path):
+      if not hasattr(node, 'keys') or key not in node:
+        known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else '(not a group)'
+        where = '.'.join(path[:i]) or 'the config'
+        return (f'Unknown config field {m.group(1)!r} in {arg}; fields of {where}: {known}.')
+      node = node[key]
+  return None
+
+
+def parse_flags(argv: Sequence[str]):
+  """absl flag parsing whose errors are one line (config files' tracebacks are cut to their message).
+
+  Pass as `app.run(main, flags_parser=cli.parse_flags)`; --debug keeps the full text.
+  """
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - every parse failure becomes one sentence.
+    if '--debug' in argv:
+      raise
+    message = _unknown_override(argv)
+    if message is None:
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+      message = lines[-1] if lines else type(e).__name__
+      # ml_collections embeds the config file's traceback; its last line is `SomeError: message`.
+      message = re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', message)
+    print(f'error: {message}', file=sys.stderr)
+    raise SystemExit(2)

@@ -114,12 +114,16 @@ def test_unprepared_dataset_says_how_without_downloading(tmp_path):
 
   t0 = time.time()
   # Any download attempt fails the test loudly instead of retrying for minutes.
-  with mock.patch.object(tfds.download.DownloadManager, 'download', side_effect=AssertionError), \
-      mock.patch.object(tfds.download.DownloadManager, 'download_and_extract',
-                        side_effect=AssertionError):
+  with (
+    mock.patch.object(tfds.download.DownloadManager, 'download', side_effect=AssertionError),
+    mock.patch.object(
+      tfds.download.DownloadManager, 'download_and_extract', side_effect=AssertionError
+    ),
+  ):
     with pytest.raises(dj_data.DatasetNotPreparedError) as info:
-      dj_data.make_iterator('cifar10', global_batch_size=8, data_dir=str(tmp_path),
-                            process_index=0, process_count=1)
+      dj_data.make_iterator(
+        'cifar10', global_batch_size=8, data_dir=str(tmp_path), process_index=0, process_count=1
+      )
   assert time.time() - t0 < 10.0
   message = str(info.value)
   assert 'tfds build cifar10' in message and str(tmp_path) in message
@@ -129,17 +133,25 @@ def test_unprepared_dataset_says_how_without_downloading(tmp_path):
 
 def test_missing_image_folder_says_how(tmp_path):
   with pytest.raises(dj_data.DatasetNotPreparedError, match='<class>'):
-    dj_data.make_iterator('ffhq64', global_batch_size=8, data_dir=str(tmp_path),
-                          process_index=0, process_count=1)
+    dj_data.make_iterator(
+      'ffhq64', global_batch_size=8, data_dir=str(tmp_path), process_index=0, process_count=1
+    )
 
 
 def test_bad_batch_and_split(data_dir):
   with pytest.raises(ValueError, match='multiple of the process count'):
-    dj_data.make_iterator('digits', global_batch_size=10, data_dir=data_dir, process_index=0,
-                          process_count=4)
+    dj_data.make_iterator(
+      'digits', global_batch_size=10, data_dir=data_dir, process_index=0, process_count=4
+    )
   with pytest.raises(ValueError, match='no split'):
-    dj_data.make_iterator('digits', split='validation', global_batch_size=8, data_dir=data_dir,
-                          process_index=0, process_count=1)
+    dj_data.make_iterator(
+      'digits',
+      split='validation',
+      global_batch_size=8,
+      data_dir=data_dir,
+      process_index=0,
+      process_count=1,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,7 +194,7 @@ def test_resume_is_exact_across_epochs(data_dir):
   order = pipeline._Order(len(images), 3, shuffle=True)
   first_epochs = order.indices(np.arange(2 * len(images)))
   for e in range(2):
-    np.testing.assert_array_equal(np.sort(first_epochs[e * 1438:(e + 1) * 1438]), np.arange(1438))
+    np.testing.assert_array_equal(np.sort(first_epochs[e * 1438 : (e + 1) * 1438]), np.arange(1438))
   assert not np.array_equal(first_epochs[:1438], first_epochs[1438:])
 
 
@@ -196,8 +208,10 @@ def test_other_seed_other_order(data_dir):
 def test_processes_split_the_global_batch(data_dir, count):
   kwargs = dict(global_batch_size=256, x_flip=True, start_step=5)
   single = _batches(_iterator(data_dir, **kwargs), 2)
-  parts = [_batches(_iterator(data_dir, process_index=i, process_count=count, **kwargs), 2)
-           for i in range(count)]
+  parts = [
+    _batches(_iterator(data_dir, process_index=i, process_count=count, **kwargs), 2)
+    for i in range(count)
+  ]
   for step in range(2):
     for key in ('image', 'label'):
       pieces = [p[step][key] for p in parts]
@@ -255,8 +269,10 @@ def mocked_cifar10():
   import tensorflow_datasets as tfds
 
   pipeline._load_split_cached.cache_clear()
-  with tfds.testing.mock_data(num_examples=48), \
-      mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True):
+  with (
+    tfds.testing.mock_data(num_examples=48),
+    mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True),
+  ):
     yield
   pipeline._load_split_cached.cache_clear()
 
@@ -267,21 +283,52 @@ def test_cifar10_path_with_mock_data(mocked_cifar10, tmp_path):
   assert full[0]['image'].shape == (16, 32, 32, 3) and full[0]['image'].dtype == np.float32
   assert -1.0 <= full[0]['image'].min() and full[0]['image'].max() <= 1.0
   assert ((0 <= full[0]['label']) & (full[0]['label'] < 10)).all()
-  _assert_batches_equal(full[3:], _batches(dj_data.make_iterator('cifar10', start_step=3, **kwargs), 2))
+  _assert_batches_equal(
+    full[3:], _batches(dj_data.make_iterator('cifar10', start_step=3, **kwargs), 2)
+  )
 
 
 def test_stream_fallback_with_mock_data(mocked_cifar10, tmp_path):
-  spec = dj_data.register_dataset(pipeline.DatasetSpec(
-    name='_test_stream', resolution=16, channels=3, num_classes=10, tfds_name='cifar10'))
+  spec = dj_data.register_dataset(
+    pipeline.DatasetSpec(
+      name='_test_stream', resolution=16, channels=3, num_classes=10, tfds_name='cifar10'
+    )
+  )
   try:
-    it = dj_data.make_iterator('_test_stream', global_batch_size=8, data_dir=str(tmp_path),
-                               process_index=1, process_count=2, x_flip=True)
+    it = dj_data.make_iterator(
+      '_test_stream',
+      global_batch_size=8,
+      data_dir=str(tmp_path),
+      process_index=1,
+      process_count=2,
+      x_flip=True,
+    )
     batch = next(it)
     assert not it.exact_resume
     # The 32×32 mock images are resized to the spec's 16×16 on the way.
     assert batch['image'].shape == (4, 16, 16, 3) and batch['label'].shape == (4,)
     assert -1.0 <= batch['image'].min() and batch['image'].max() <= 1.0
     it.close()
+  finally:
+    registry._TABLE['dataset'].pop(spec.name)
+
+
+def test_array_record_random_access_path(data_dir):
+  """A large-dataset spec reads an array_record TFDS dataset by index (here: the digits)."""
+  spec = dj_data.register_dataset(
+    pipeline.DatasetSpec(
+      name='_test_records', resolution=8, channels=1, num_classes=10, tfds_name='digits/8x8'
+    )
+  )
+  try:
+    kwargs = dict(global_batch_size=64, data_dir=data_dir, process_index=0, process_count=1)
+    it = dj_data.make_iterator('_test_records', num_threads=2, **kwargs)
+    assert it.exact_resume
+    full = _batches(it, 4)
+    resumed = dj_data.make_iterator('_test_records', start_step=2, **kwargs)
+    _assert_batches_equal(full[2:], _batches(resumed, 2))
+    # Same order and content as the in-memory path of the same data.
+    _assert_batches_equal(full, _batches(dj_data.make_iterator('digits', **kwargs), 4))
   finally:
     registry._TABLE['dataset'].pop(spec.name)
 
@@ -309,8 +356,9 @@ def test_image_folder(tmp_path):
     full = _batches(dj_data.make_iterator('_test_pets', **kwargs), 6)
     assert full[0]['image'].shape == (4, 8, 8, 3)
     assert set(np.concatenate([b['label'] for b in full])) == {0, 1}
-    _assert_batches_equal(full[4:], _batches(dj_data.make_iterator('_test_pets', start_step=4,
-                                                                   **kwargs), 2))
+    _assert_batches_equal(
+      full[4:], _batches(dj_data.make_iterator('_test_pets', start_step=4, **kwargs), 2)
+    )
     images, labels = dj_data.load_split_as_array('_test_pets', 'test', root)
     assert images.shape == (4, 8, 8, 3) and sorted(labels) == [0, 0, 1, 1]
   finally:
@@ -324,3 +372,26 @@ def test_preprocess_crop_and_resize():
   out = dj_data.preprocess_image(image, spec)
   assert out.shape == (64, 64, 3) and out.dtype == np.uint8
   np.testing.assert_array_equal(out, 200)
+
+
+def test_abandoned_iterator_stops_its_thread(data_dir):
+  import gc
+  import threading
+
+  it = _iterator(data_dir, prefetch=2)
+  next(it)
+  thread = it._thread
+  del it
+  gc.collect()
+  thread.join(timeout=2.0)
+  assert not thread.is_alive()
+  assert not any(t is thread for t in threading.enumerate())
+
+
+def test_importing_the_package_does_not_import_tensorflow():
+  import subprocess
+  import sys
+
+  code = 'import sys, diffjax.data; assert "tensorflow" not in sys.modules, "TF imported"'
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, '-c', code], check=True, timeout=60, cwd=root)

@@ -20,8 +20,11 @@ def _inputs(net, batch=B, seed=0):
   r = net.img_resolution
   x = jax.random.normal(k[0], (batch, r, r, net.in_channels))
   noise = jax.random.normal(k[1], (batch,))
-  labels = (jax.nn.one_hot(jax.random.randint(k[2], (batch,), 0, net.label_dim), net.label_dim)
-            if net.label_dim else None)
+  labels = (
+    jax.nn.one_hot(jax.random.randint(k[2], (batch,), 0, net.label_dim), net.label_dim)
+    if net.label_dim
+    else None
+  )
   augment = jax.random.normal(k[3], (batch, net.augment_dim)) if net.augment_dim else None
   return x, noise, labels, augment
 
@@ -30,11 +33,14 @@ def _count(tree):
   return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(tree))
 
 
-@pytest.mark.parametrize('preset, overrides, expected', [
-  ('ddpmpp_cifar10', dict(label_dim=10), 55_735_299),
-  ('ncsnpp_cifar10', dict(label_dim=10), 56_400_643),
-  ('ddpmpp_64', dict(), 61_805_571),
-])
+@pytest.mark.parametrize(
+  'preset, overrides, expected',
+  [
+    ('ddpmpp_cifar10', dict(label_dim=10), 55_735_299),
+    ('ncsnpp_cifar10', dict(label_dim=10), 56_400_643),
+    ('ddpmpp_64', dict(), 61_805_571),
+  ],
+)
 def test_parameter_counts_match_edm(preset, overrides, expected):
   net = create_network(preset, **overrides)
   variables = jax.eval_shape(net.init, jax.random.PRNGKey(0), *_inputs(net, batch=1))
@@ -42,13 +48,22 @@ def test_parameter_counts_match_edm(preset, overrides, expected):
   assert _count(variables['params']) == expected
 
 
-@pytest.mark.parametrize('encoder, decoder, embedding, taps', [
-  ('skip', 'skip', 'fourier', (1, 3, 3, 1)),
-  ('residual', 'standard', 'positional', (1, 1)),
-])
+@pytest.mark.parametrize(
+  'encoder, decoder, embedding, taps',
+  [
+    ('skip', 'skip', 'fourier', (1, 3, 3, 1)),
+    ('residual', 'standard', 'positional', (1, 1)),
+  ],
+)
 def test_encoder_decoder_variants_trace(encoder, decoder, embedding, taps):
-  net = create_network('tiny', encoder_type=encoder, decoder_type=decoder, embedding_type=embedding,
-                       resample_filter=taps, channel_mult=(1, 2, 2))
+  net = create_network(
+    'tiny',
+    encoder_type=encoder,
+    decoder_type=decoder,
+    embedding_type=embedding,
+    resample_filter=taps,
+    channel_mult=(1, 2, 2),
+  )
   x, noise, _, _ = _inputs(net)
   variables = jax.eval_shape(net.init, jax.random.PRNGKey(0), x, noise)
   out = jax.eval_shape(net.apply, variables, x, noise)
@@ -58,7 +73,9 @@ def test_encoder_decoder_variants_trace(encoder, decoder, embedding, taps):
 @pytest.fixture(scope='module')
 def tiny():
   """A conditional tiny net with augmentation labels, its inputs and float32 parameters."""
-  net = create_network('tiny', label_dim=10, augment_dim=9, in_channels=3, out_channels=2)
+  net = create_network(
+    'tiny', label_dim=10, augment_dim=9, in_channels=3, out_channels=2, dropout=0.1
+  )
   inputs = _inputs(net)
   params = jax.jit(net.init)(jax.random.PRNGKey(0), *inputs)
   return net, inputs, params
@@ -81,8 +98,14 @@ def _apply(net, params, inputs, train=False, key=None, labels=None):
   labels = class_labels if labels is None else labels
   fn_key = (id(net), train)
   if fn_key not in _APPLY:
-    _APPLY[fn_key] = (net, jax.jit(lambda p, x, n, c, a, rng: net.apply(
-      p, x, n, c, a, train=train, rngs={'dropout': rng} if train else {})))
+    _APPLY[fn_key] = (
+      net,
+      jax.jit(
+        lambda p, x, n, c, a, rng: net.apply(
+          p, x, n, c, a, train=train, rngs={'dropout': rng} if train else {}
+        )
+      ),
+    )
   return _APPLY[fn_key][1](params, x, noise, labels, augment, key)
 
 
@@ -95,6 +118,7 @@ def test_tiny_shapes_dtypes_and_gradients(tiny):
 
   def loss(p):
     return jnp.mean(jnp.square(net.apply(p, *inputs)))
+
   grads = jax.jit(jax.grad(loss))(params)
   assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
   # The last conv starts near zero (1e-5) but must still receive a gradient.
@@ -189,7 +213,7 @@ def _np_downsample(x, taps):
   y = np.zeros((x.shape[0], n, n, x.shape[3]))
   for i in range(n):
     for j in range(n):
-      y[:, i, j] = np.einsum('ab,nabc->nc', f, xp[:, 2 * i:2 * i + k, 2 * j:2 * j + k])
+      y[:, i, j] = np.einsum('ab,nabc->nc', f, xp[:, 2 * i : 2 * i + k, 2 * j : 2 * j + k])
   return y
 
 
@@ -202,8 +226,10 @@ def _np_upsample(x, taps):
   full = np.zeros((x.shape[0], 2 * (h - 1) + k, 2 * (h - 1) + k, x.shape[3]))
   for i in range(h):
     for j in range(h):
-      full[:, 2 * i:2 * i + k, 2 * j:2 * j + k] += f[None, :, :, None] * x[:, i, j][:, None, None, :]
-  return full[:, p:full.shape[1] - p, p:full.shape[2] - p]
+      full[:, 2 * i : 2 * i + k, 2 * j : 2 * j + k] += (
+        f[None, :, :, None] * x[:, i, j][:, None, None, :]
+      )
+  return full[:, p : full.shape[1] - p, p : full.shape[2] - p]
 
 
 @pytest.mark.parametrize('taps', [(1, 1), (1, 3, 3, 1)])
@@ -253,13 +279,15 @@ def test_fourier_embedding_has_fixed_frequencies_and_no_parameters():
   freqs = embeddings.fourier_frequencies(256)
   assert abs(np.std(freqs) - 16) < 2.5
   arg = 2 * np.pi * np.asarray(x, np.float64)[:, None] * freqs
-  np.testing.assert_allclose(emb.apply({}, x), np.concatenate([np.cos(arg), np.sin(arg)], 1),
-                             atol=1e-4)
+  np.testing.assert_allclose(
+    emb.apply({}, x), np.concatenate([np.cos(arg), np.sin(arg)], 1), atol=1e-4
+  )
 
 
 def test_initializer_statistics():
   params = layers.Conv2d(256, 3, init_spec=layers.Init('xavier_uniform')).init(
-    jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 128)))['params']
+    jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 128))
+  )['params']
   fan_in, fan_out = 128 * 9, 256 * 9
   bound = math.sqrt(6 / (fan_in + fan_out))
   w = np.asarray(params['kernel'])
@@ -267,19 +295,22 @@ def test_initializer_statistics():
   assert abs(w.std() - bound / math.sqrt(3)) < 0.02 * bound
   assert np.all(params['bias'] == 0)
   w = layers.Linear(64, init_spec=layers.Init('kaiming_normal', weight=1e-5)).init(
-    jax.random.PRNGKey(0), jnp.zeros((1, 1024)))['params']['kernel']
+    jax.random.PRNGKey(0), jnp.zeros((1, 1024))
+  )['params']['kernel']
   assert abs(float(w.std()) - 1e-5 / 32) < 0.05 * 1e-5 / 32
 
 
 def test_group_norm_matches_numpy_and_edm_group_rule():
-  assert layers.group_count(256) == 32 and layers.group_count(64) == 16 and layers.group_count(3) == 1
+  assert (
+    layers.group_count(256) == 32 and layers.group_count(64) == 16 and layers.group_count(3) == 1
+  )
   with pytest.raises(ValueError, match='divide'):
     layers.group_count(144)
   x = np.random.default_rng(1).standard_normal((2, 4, 4, 16)).astype(np.float32) * 3 + 1
-  got = layers.GroupNorm(eps=1e-6).apply({'params': {'scale': jnp.ones(16), 'bias': jnp.zeros(16)}},
-                                          jnp.asarray(x))
-  g = x.reshape(2, 16, 4, 4)  # 4 groups of 4 channels
-  g = x.reshape(2, 4, 4, 4, 4)
+  got = layers.GroupNorm(eps=1e-6).apply(
+    {'params': {'scale': jnp.ones(16), 'bias': jnp.zeros(16)}}, jnp.asarray(x)
+  )
+  g = x.reshape(2, 4, 4, 4, 4)  # [B, H, W, 4 groups, 4 channels]
   mean = g.mean(axis=(1, 2, 4), keepdims=True)
   var = g.var(axis=(1, 2, 4), keepdims=True)
   np.testing.assert_allclose(got, ((g - mean) / np.sqrt(var + 1e-6)).reshape(x.shape), atol=1e-5)

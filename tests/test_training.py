@@ -52,8 +52,7 @@ def test_same_steps_on_one_and_four_devices(data_dir):
   denoiser = build.build_denoiser(config, spec)
   tx = build.build_optimizer(config)
   step_fn = step_lib.make_train_step(
-      denoiser, build.build_loss(config), tx, batch_size=8, ema_halflife_images=100.0,
-      num_classes=spec.num_classes, augment_fn=build.build_augment(config))
+      build.build_objective(config, spec, denoiser), tx, batch_size=8, ema_halflife_images=100.0)
   it = data.make_iterator('digits', global_batch_size=8, seed=0, data_dir=data_dir)
   batches = [next(it) for _ in range(3)]
   params = build.init_params(denoiser.network, spec, jax.random.key(0))

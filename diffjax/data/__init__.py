@@ -4,13 +4,18 @@
     it = diffjax.data.make_iterator('digits', global_batch_size=128, seed=0, start_step=0)
     batch = next(it)   # {'image': float32 [B_local, H, W, C] in [-1, 1], 'label': int32 [B_local]}
     images, labels = diffjax.data.load_split_as_array('digits', 'test')     # uint8, int32
-    images_aug, aug_labels = diffjax.data.augment(key, images, p=0.12)       # jittable
+    images_aug, aug_labels = diffjax.data.augment.augment(key, images, p=0.12)   # jittable
+
+`diffjax.data.augment` is the augmentation *module* (so `from diffjax.data import augment` gives the
+module and `from diffjax.data.augment import augment` the function); exporting the function under the
+module's name would shadow the module.
 
 Importing this package registers the datasets (kind 'dataset' in `diffjax.registry`) and the 'digits'
 TFDS builder; it does not import TensorFlow.
 """
 
-from diffjax.data.augment import AugmentConfig, affine_resample, augment, augment_params
+from diffjax.data import augment
+from diffjax.data.augment import AugmentConfig
 from diffjax.data.pipeline import (
   BatchIterator,
   DatasetNotPreparedError,
@@ -30,9 +35,7 @@ __all__ = [
   'BatchIterator',
   'DatasetNotPreparedError',
   'DatasetSpec',
-  'affine_resample',
   'augment',
-  'augment_params',
   'get_dataset_spec',
   'list_datasets',
   'load_split_as_array',

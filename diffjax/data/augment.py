@@ -48,16 +48,36 @@ import jax.numpy as jnp
 import numpy as np
 
 LABEL_DIM = 9
-LABEL_NAMES = ('xflip', 'yflip', 'scale', 'rotate_cos_minus_1', 'rotate_sin', 'aniso_w_cos',
-               'aniso_w_sin', 'translate_x', 'translate_y')
+LABEL_NAMES = (
+  'xflip',
+  'yflip',
+  'scale',
+  'rotate_cos_minus_1',
+  'rotate_sin',
+  'aniso_w_cos',
+  'aniso_w_sin',
+  'translate_x',
+  'translate_y',
+)
 
 # Daubechies symlet-6 scaling (low-pass) filter, 12 taps; sum = √2 and Σ_k h[k]·h[k+2l] = δ_l
 # (orthogonality), which makes 2× upsampling followed by 2× downsampling an exact identity.
-_SYM6 = np.array([
-  0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
-  0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
-  -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148,
-])
+_SYM6 = np.array(
+  [
+    0.015404109327027373,
+    0.0034907120842174702,
+    -0.11799011114819057,
+    -0.048311742585633,
+    0.4910559419267466,
+    0.787641141030194,
+    0.3379294217276218,
+    -0.07263752278646252,
+    -0.021060292512300564,
+    0.04472490177066578,
+    0.0017677118642428036,
+    -0.007800708325034148,
+  ]
+)
 # Where the 2× grid sits. Upsampling is up[m] = Σ_k x[k]·h[m − 2k + 5]; both polyphase halves of sym6
 # (even and odd taps) have their centroid at tap 5 + δ with δ ≈ 0.098, so for smooth signals up[m]
 # lies at pixel coordinate (m − δ)/2 and the adjoint downsampling reads output pixel n at 2n + δ.
@@ -67,9 +87,23 @@ _OFFSET = 5
 _DELTA = float((np.arange(12) * _SYM6).sum() / _SYM6.sum() - _OFFSET)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=[
-  'xflip', 'yflip', 'scale', 'rotate_frac', 'aniso', 'translate_frac', 'scale_std',
-  'rotate_frac_max', 'aniso_std', 'aniso_rotate_prob', 'translate_frac_std'], meta_fields=[])
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=[
+    'xflip',
+    'yflip',
+    'scale',
+    'rotate_frac',
+    'aniso',
+    'translate_frac',
+    'scale_std',
+    'rotate_frac_max',
+    'aniso_std',
+    'aniso_rotate_prob',
+    'translate_frac_std',
+  ],
+  meta_fields=[],
+)
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """Probability multipliers and parameter ranges (defaults: EDM's configuration).
@@ -114,45 +148,55 @@ def _translation(tx: jax.Array, ty: jax.Array) -> jax.Array:
 
 def _sample_params(key: jax.Array, p: jax.Array, cfg: AugmentConfig, height: int, width: int):
   """One image's ops: (xflip bool, yflip bool, geometric bool, G⁻¹ [3, 3], label [9])."""
-  ks = jax.random.split(key, 14)
+  # Two draws per image (11 uniforms, 4 normals) rather than one per parameter: each random call
+  # unrolls a Threefry block in the compiled program, and fewer calls compile several times faster.
+  key_u, key_n = jax.random.split(key)
+  u = jax.random.uniform(key_u, (11,))
+  z = jax.random.normal(key_n, (4,))
   eye = jnp.eye(3)
 
-  def fires(k, multiplier):
-    return jax.random.uniform(k) < multiplier * p
+  def fires(i, multiplier):
+    return u[i] < multiplier * p
 
-  xflip = jax.random.bernoulli(ks[0]) & fires(ks[1], cfg.xflip)
-  yflip = jax.random.bernoulli(ks[2]) & fires(ks[3], cfg.yflip)
+  xflip = (u[0] < 0.5) & fires(1, cfg.xflip)
+  yflip = (u[2] < 0.5) & fires(3, cfg.yflip)
 
-  scale_on = fires(ks[4], cfg.scale)
-  w_scale = jnp.where(scale_on, jax.random.normal(ks[5]), 0.0)
+  scale_on = fires(4, cfg.scale)
+  w_scale = jnp.where(scale_on, z[0], 0.0)
   s = jnp.exp2(w_scale * cfg.scale_std)
   g_inv = _scaling(1.0 / s, 1.0 / s)
 
-  rotate_on = fires(ks[6], cfg.rotate_frac)
-  theta = jnp.where(rotate_on, jax.random.uniform(ks[7], minval=-1.0, maxval=1.0), 0.0)
-  theta = theta * (np.pi * cfg.rotate_frac_max)
+  rotate_on = fires(5, cfg.rotate_frac)
+  theta = jnp.where(rotate_on, (2.0 * u[6] - 1.0) * (np.pi * cfg.rotate_frac_max), 0.0)
   g_inv = g_inv @ _rotation(theta)
 
-  aniso_on = fires(ks[8], cfg.aniso)
-  w_aniso = jnp.where(aniso_on, jax.random.normal(ks[9]), 0.0)
-  r = jnp.where(jax.random.uniform(ks[10]) < cfg.aniso_rotate_prob,
-                jax.random.uniform(ks[11], minval=-np.pi, maxval=np.pi), 0.0)
+  aniso_on = fires(7, cfg.aniso)
+  w_aniso = jnp.where(aniso_on, z[1], 0.0)
+  r = jnp.where(u[8] < cfg.aniso_rotate_prob, (2.0 * u[9] - 1.0) * np.pi, 0.0)
   s_a = jnp.exp2(w_aniso * cfg.aniso_std)
   stretch = _rotation(-r) @ _scaling(1.0 / s_a, s_a) @ _rotation(r)
   # Where it does not fire, use I exactly rather than R(−r)·I·R(r), which is I only up to round-off.
   g_inv = g_inv @ jnp.where(aniso_on, stretch, eye)
 
-  translate_on = fires(ks[12], cfg.translate_frac)
-  w_t = jnp.where(translate_on, jax.random.normal(ks[13], (2,)), 0.0)
-  g_inv = g_inv @ _translation(-w_t[0] * width * cfg.translate_frac_std,
-                               -w_t[1] * height * cfg.translate_frac_std)
+  translate_on = fires(10, cfg.translate_frac)
+  w_t = jnp.where(translate_on, z[2:4], 0.0)
+  g_inv = g_inv @ _translation(
+    -w_t[0] * width * cfg.translate_frac_std, -w_t[1] * height * cfg.translate_frac_std
+  )
 
-  label = jnp.stack([
-    xflip.astype(jnp.float32), yflip.astype(jnp.float32), w_scale,
-    jnp.cos(theta) - 1.0, jnp.sin(theta),
-    w_aniso * jnp.cos(r), w_aniso * jnp.sin(r),
-    w_t[0], w_t[1],
-  ]).astype(jnp.float32)
+  label = jnp.stack(
+    [
+      xflip.astype(jnp.float32),
+      yflip.astype(jnp.float32),
+      w_scale,
+      jnp.cos(theta) - 1.0,
+      jnp.sin(theta),
+      w_aniso * jnp.cos(r),
+      w_aniso * jnp.sin(r),
+      w_t[0],
+      w_t[1],
+    ]
+  ).astype(jnp.float32)
   geometric = scale_on | rotate_on | aniso_on | translate_on
   return xflip, yflip, geometric, g_inv.astype(jnp.float32), label
 
@@ -167,9 +211,9 @@ def _per_image_keys(key: jax.Array, batch: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
 
 
-@functools.partial(jax.jit, static_argnames=('batch', 'height', 'width'))
-def augment_params(key: jax.Array, batch: int, height: int, width: int, p=0.12,
-                   config: AugmentConfig = EDM_CONFIG):
+def augment_params(
+  key: jax.Array, batch: int, height: int, width: int, p=0.12, config: AugmentConfig = EDM_CONFIG
+):
   """Draws the augmentation of each image without applying it.
 
   Args:
@@ -184,6 +228,13 @@ def augment_params(key: jax.Array, batch: int, height: int, width: int, p=0.12,
     xflip: bool [B]; yflip: bool [B]; geometric: bool [B] (some geometric op fired);
     g_inv: float32 [B, 3, 3], output → input in centred pixel coordinates; labels: float32 [B, 9].
   """
+  # The config always goes in as an argument so that it is traced: a default would be baked in as
+  # constants, and every other config would then compile anew.
+  return _augment_params(key, batch, height, width, p, config)
+
+
+@functools.partial(jax.jit, static_argnames=('batch', 'height', 'width'))
+def _augment_params(key, batch, height, width, p, config):
   keys = _per_image_keys(key, batch)
   p = jnp.asarray(p, jnp.float32)
   return jax.vmap(lambda k: _sample_params(k, p, config, height, width))(keys)
@@ -194,8 +245,15 @@ def augment_params(key: jax.Array, batch: int, height: int, width: int, p=0.12,
 # ------------------------------------------------------------------------------------------------
 
 
-def _conv_axis(x: jax.Array, taps: np.ndarray, axis: int, *, dilation: int = 1, stride: int = 1,
-               padding: Tuple[int, int] = (0, 0)) -> jax.Array:
+def _conv_axis(
+  x: jax.Array,
+  taps: np.ndarray,
+  axis: int,
+  *,
+  dilation: int = 1,
+  stride: int = 1,
+  padding: Tuple[int, int] = (0, 0),
+) -> jax.Array:
   """1-D correlation of x [N, H, W, 1] along `axis` (1 = H, 2 = W), with input dilation and stride."""
   k = len(taps)
   shape = (k, 1, 1, 1) if axis == 1 else (1, k, 1, 1)
@@ -203,7 +261,8 @@ def _conv_axis(x: jax.Array, taps: np.ndarray, axis: int, *, dilation: int = 1, 
   pads = [padding, (0, 0)] if axis == 1 else [(0, 0), padding]
   ones = (1, 1)
   return jax.lax.conv_general_dilated(
-    x, kernel,
+    x,
+    kernel,
     window_strides=(stride, 1) if axis == 1 else (1, stride),
     padding=pads,
     lhs_dilation=(dilation, 1) if axis == 1 else (1, dilation),
@@ -244,8 +303,12 @@ def _bilinear(image: jax.Array, y: jax.Array, x: jax.Array) -> jax.Array:
     value = image[jnp.clip(yi, 0, hu - 1), jnp.clip(xi, 0, wu - 1)]
     return jnp.where(inside[..., None], value, 0.0)
 
-  return ((1 - fy) * (1 - fx) * tap(y0, x0) + (1 - fy) * fx * tap(y0, x0 + 1)
-          + fy * (1 - fx) * tap(y0 + 1, x0) + fy * fx * tap(y0 + 1, x0 + 1))
+  return (
+    (1 - fy) * (1 - fx) * tap(y0, x0)
+    + (1 - fy) * fx * tap(y0, x0 + 1)
+    + fy * (1 - fx) * tap(y0 + 1, x0)
+    + fy * fx * tap(y0 + 1, x0 + 1)
+  )
 
 
 @jax.jit
@@ -294,9 +357,9 @@ def affine_resample(images: jax.Array, g_inv: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------------------
 
 
-@jax.jit
-def augment(key: jax.Array, images: jax.Array, p=0.12,
-            config: AugmentConfig = EDM_CONFIG) -> Tuple[jax.Array, jax.Array]:
+def augment(
+  key: jax.Array, images: jax.Array, p=0.12, config: AugmentConfig = EDM_CONFIG
+) -> Tuple[jax.Array, jax.Array]:
   """EDM's non-leaking augmentation of a batch.
 
   Args:
@@ -310,8 +373,13 @@ def augment(key: jax.Array, images: jax.Array, p=0.12,
     aug_labels: float32 [B, 9] laid out as `LABEL_NAMES` (see the module docstring); zero for an
       image none of whose ops fired.
   """
+  return _augment(key, images, p, config)  # Config passed explicitly: traced, one compilation.
+
+
+@jax.jit
+def _augment(key, images, p, config):
   b, h, w, _ = images.shape
-  xflip, yflip, geometric, g_inv, labels = augment_params(key, b, h, w, p, config)
+  xflip, yflip, geometric, g_inv, labels = _augment_params(key, b, h, w, p, config)
   images = jnp.where(xflip[:, None, None, None], images[:, :, ::-1], images)
   images = jnp.where(yflip[:, None, None, None], images[:, ::-1], images)
   # Skip the resampling for the whole batch when nothing geometric fired (p = 0, small batches).

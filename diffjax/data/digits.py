@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -134,11 +134,15 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
       builder=self,
       description="scikit-learn's 8×8 handwritten digits (UCI optdigits test part), 10 classes.",
-      features=tfds.features.FeaturesDict({
-        'image': tfds.features.Image(shape=(r, r, 1)),
-        'label': tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-        'index': tfds.features.Scalar(dtype=np.int32, doc='Row in sklearn.datasets.load_digits().'),
-      }),
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(r, r, 1)),
+          'label': tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+          'index': tfds.features.Scalar(
+            dtype=np.int32, doc='Row in sklearn.datasets.load_digits().'
+          ),
+        }
+      ),
       supervised_keys=('image', 'label'),
       homepage='https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html',
       citation=_CITATION,
@@ -184,4 +188,3 @@ def prepare_digits(data_dir: str, config: str = '8x8') -> tfds.core.DatasetBuild
   finally:
     tfds.display_progress_bar(was_active)
   return builder
-

@@ -161,38 +161,100 @@ def register_image_folder(
 
 
 def _register_builtin() -> None:
-  register_dataset(DatasetSpec(
-    name='digits', resolution=8, channels=1, num_classes=10, tfds_name='digits/8x8', in_memory=True,
-    description="scikit-learn's 8×8 digits, built in and prepared offline on first use."))
-  register_dataset(DatasetSpec(
-    name='digits16', resolution=16, channels=1, num_classes=10, tfds_name='digits/16x16',
-    in_memory=True, description='The digits upsampled 2× (bilinear) to 16×16.'))
-  register_dataset(DatasetSpec(
-    name='cifar10', resolution=32, channels=3, num_classes=10, tfds_name='cifar10', in_memory=True,
-    prepare_hint='tfds build cifar10 --data_dir={data_dir}',
-    description='CIFAR-10, 50k train / 10k test, 32×32.'))
-  register_dataset(DatasetSpec(
-    name='celeb_a', resolution=64, channels=3, num_classes=0, tfds_name='celeb_a',
-    splits=('train', 'validation', 'test'), crop=140, label_key=None,
-    prepare_hint='tfds build celeb_a --data_dir={data_dir} --file_format=array_record',
-    description='CelebA 218×178, centre crop 140, resized to 64×64 (bicubic, antialiased).'))
-  register_dataset(DatasetSpec(
-    name='imagenet64', resolution=64, channels=3, num_classes=1000,
-    tfds_name='imagenet_resized/64x64', splits=('train', 'validation'),
-    prepare_hint='tfds build imagenet_resized/64x64 --data_dir={data_dir} --file_format=array_record',
-    description='Class-conditional ImageNet 64×64 (box-resized, Chrabaszcz et al. 2017).'))
-  register_dataset(DatasetSpec(
-    name='downsampled_imagenet64', resolution=64, channels=3, num_classes=0,
-    tfds_name='downsampled_imagenet/64x64', splits=('train', 'validation'), label_key=None,
-    prepare_hint=('tfds build downsampled_imagenet/64x64 --data_dir={data_dir} '
-                  '--file_format=array_record'),
-    description='Unconditional downsampled ImageNet 64×64 (van den Oord et al. 2016; bits/dim).'))
-  register_image_folder('ffhq64', 64, num_classes=0,
-                        description='FFHQ at 64×64 from an image folder (EDM: unconditional).')
-  register_image_folder('afhqv2_64', 64, num_classes=None,
-                        description='AFHQv2 (cat/dog/wild) at 64×64 from an image folder.')
-  register_image_folder('image_folder', 64, num_classes=None, splits=('train', 'test'),
-                        description='Any <root>/<split>/<class>/ image folder, resized to 64×64.')
+  register_dataset(
+    DatasetSpec(
+      name='digits',
+      resolution=8,
+      channels=1,
+      num_classes=10,
+      tfds_name='digits/8x8',
+      in_memory=True,
+      description="scikit-learn's 8×8 digits, built in and prepared offline on first use.",
+    )
+  )
+  register_dataset(
+    DatasetSpec(
+      name='digits16',
+      resolution=16,
+      channels=1,
+      num_classes=10,
+      tfds_name='digits/16x16',
+      in_memory=True,
+      description='The digits upsampled 2× (bilinear) to 16×16.',
+    )
+  )
+  register_dataset(
+    DatasetSpec(
+      name='cifar10',
+      resolution=32,
+      channels=3,
+      num_classes=10,
+      tfds_name='cifar10',
+      in_memory=True,
+      prepare_hint='tfds build cifar10 --data_dir={data_dir}',
+      description='CIFAR-10, 50k train / 10k test, 32×32.',
+    )
+  )
+  register_dataset(
+    DatasetSpec(
+      name='celeb_a',
+      resolution=64,
+      channels=3,
+      num_classes=0,
+      tfds_name='celeb_a',
+      splits=('train', 'validation', 'test'),
+      crop=140,
+      label_key=None,
+      prepare_hint='tfds build celeb_a --data_dir={data_dir} --file_format=array_record',
+      description='CelebA 218×178, centre crop 140, resized to 64×64 (bicubic, antialiased).',
+    )
+  )
+  register_dataset(
+    DatasetSpec(
+      name='imagenet64',
+      resolution=64,
+      channels=3,
+      num_classes=1000,
+      tfds_name='imagenet_resized/64x64',
+      splits=('train', 'validation'),
+      prepare_hint='tfds build imagenet_resized/64x64 --data_dir={data_dir} --file_format=array_record',
+      description='Class-conditional ImageNet 64×64 (box-resized, Chrabaszcz et al. 2017).',
+    )
+  )
+  register_dataset(
+    DatasetSpec(
+      name='downsampled_imagenet64',
+      resolution=64,
+      channels=3,
+      num_classes=0,
+      tfds_name='downsampled_imagenet/64x64',
+      splits=('train', 'validation'),
+      label_key=None,
+      prepare_hint=(
+        'tfds build downsampled_imagenet/64x64 --data_dir={data_dir} --file_format=array_record'
+      ),
+      description='Unconditional downsampled ImageNet 64×64 (van den Oord et al. 2016; bits/dim).',
+    )
+  )
+  register_image_folder(
+    'ffhq64',
+    64,
+    num_classes=0,
+    description='FFHQ at 64×64 from an image folder (EDM: unconditional).',
+  )
+  register_image_folder(
+    'afhqv2_64',
+    64,
+    num_classes=3,
+    description='AFHQv2 (cat/dog/wild) at 64×64 from an image folder.',
+  )
+  register_image_folder(
+    'image_folder',
+    64,
+    num_classes=None,
+    splits=('train', 'test'),
+    description='Any <root>/<split>/<class>/ image folder, resized to 64×64.',
+  )
 
 
 _register_builtin()
@@ -326,8 +388,13 @@ class _ArraySource:
 class _RecordSource:
   """A split read example by example (a TFDS data source or image files), decoded on threads."""
 
-  def __init__(self, length: int, fetch: Callable[[int], Tuple[np.ndarray, int]], spec: DatasetSpec,
-               num_threads: int):
+  def __init__(
+    self,
+    length: int,
+    fetch: Callable[[int], Tuple[np.ndarray, int]],
+    spec: DatasetSpec,
+    num_threads: int,
+  ):
     self._length, self._fetch, self._spec = length, fetch, spec
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_threads))
 
@@ -340,7 +407,9 @@ class _RecordSource:
 
   def read(self, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     items = list(self._pool.map(self._one, indices))  # map keeps the order of `indices`.
-    images = np.stack([x for x, _ in items]) if items else np.zeros((0,) + self._spec.shape, np.uint8)
+    images = (
+      np.stack([x for x, _ in items]) if items else np.zeros((0,) + self._spec.shape, np.uint8)
+    )
     return images, np.asarray([y for _, y in items], np.int32)
 
 
@@ -354,22 +423,28 @@ def _prepared_builder(spec: DatasetSpec, data_dir: str):
     raise DatasetNotPreparedError(
       f'Dataset {spec.name!r} (TFDS {spec.tfds_name!r}) is not prepared in {data_dir}: prepare it '
       f'once with `{hint}`, or point --config.data.data_dir (or $TFDS_DATA_DIR) at the directory '
-      'that holds it; nothing is downloaded implicitly.')
+      'that holds it; nothing is downloaded implicitly.'
+    )
   return builder
 
 
 def _check_split(spec: DatasetSpec, split: str, known: Sequence[str]) -> None:
   if split not in known:
-    raise ValueError(f'Dataset {spec.name!r} has no split {split!r}; its splits: '
-                     f'{", ".join(sorted(known))}.')
+    raise ValueError(
+      f'Dataset {spec.name!r} has no split {split!r}; its splits: {", ".join(sorted(known))}.'
+    )
 
 
 def _is_array_record(builder) -> bool:
   file_format = getattr(builder.info, 'file_format', None)
-  return file_format is not None and 'array_record' in str(getattr(file_format, 'value', file_format))
+  return file_format is not None and 'array_record' in str(
+    getattr(file_format, 'value', file_format)
+  )
 
 
-def _folder_root(spec: DatasetSpec, data_dir: Optional[str], must_exist: bool = True) -> Optional[str]:
+def _folder_root(
+  spec: DatasetSpec, data_dir: Optional[str], must_exist: bool = True
+) -> Optional[str]:
   """The image-folder root of `spec`: data_dir itself, data_dir/NAME or data_dir/downloads/manual/NAME."""
   base = resolve_data_dir(data_dir)
   candidates = [os.path.join(base, spec.name), os.path.join(base, 'downloads', 'manual', spec.name)]
@@ -383,7 +458,8 @@ def _folder_root(spec: DatasetSpec, data_dir: Optional[str], must_exist: bool = 
   raise DatasetNotPreparedError(
     f'Image folder for dataset {spec.name!r} not found (looked in {", ".join(candidates)}): lay the '
     f'images out as <root>/{spec.splits[0]}/<class>/<image files> and point --config.data.data_dir '
-    'at <root>.')
+    'at <root>.'
+  )
 
 
 @functools.lru_cache(maxsize=16)
@@ -406,8 +482,9 @@ def _num_threads(num_threads: Optional[int]) -> int:
   return num_threads or min(8, os.cpu_count() or 1)
 
 
-def _open_random_access(spec: DatasetSpec, split: str, data_dir: Optional[str],
-                        num_threads: Optional[int] = None):
+def _open_random_access(
+  spec: DatasetSpec, split: str, data_dir: Optional[str], num_threads: Optional[int] = None
+):
   """A random-access source for (spec, split), or None when only streaming is possible.
 
   Returns:
@@ -416,17 +493,19 @@ def _open_random_access(spec: DatasetSpec, split: str, data_dir: Optional[str],
   """
   if spec.source == 'folder':
     root = _folder_root(spec, data_dir)
-    examples, names = _image_folder(root)
+    examples, _ = _image_folder(root)
     _check_split(spec, split, list(examples))
     items = examples[split]
     unlabelled = spec.num_classes == 0
+    mode = 'L' if spec.channels == 1 else 'RGB'
 
     def fetch(i: int) -> Tuple[np.ndarray, int]:
       from PIL import Image
 
       path, label = items[i]
       with Image.open(path) as image:
-        return np.asarray(image.convert('L' if spec.channels == 1 else 'RGB')), 0 if unlabelled else label
+        pixels = np.asarray(image.convert(mode))
+      return pixels, 0 if unlabelled else label
 
     return _RecordSource(len(items), fetch, spec, _num_threads(num_threads)), None
 
@@ -447,13 +526,24 @@ def _open_random_access(spec: DatasetSpec, split: str, data_dir: Optional[str],
   return _RecordSource(len(records), fetch, spec, _num_threads(num_threads)), builder
 
 
-def _stream_split(builder, spec: DatasetSpec, split: str, *, batch_size: int, shuffle: bool,
-                  repeat: bool, seed: int, process_index: int = 0, process_count: int = 1,
-                  buffer_size: int = 10_000) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+def _stream_split(
+  builder,
+  spec: DatasetSpec,
+  split: str,
+  *,
+  batch_size: int,
+  shuffle: bool,
+  repeat: bool,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  buffer_size: int = 10_000,
+) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
   """Streams (uint8 images [b, H, W, C], int32 labels [b]) of this host's shard with tf.data."""
   tf = _tf()
-  sub_split = tfds.split_for_jax_process(split, process_index=process_index,
-                                         process_count=process_count)
+  sub_split = tfds.split_for_jax_process(
+    split, process_index=process_index, process_count=process_count
+  )
   tf_seed = int(seed % (2**31 - 1))
   read_config = tfds.ReadConfig(shuffle_seed=tf_seed)
   ds = builder.as_dataset(split=sub_split, shuffle_files=shuffle, read_config=read_config)
@@ -465,7 +555,9 @@ def _stream_split(builder, spec: DatasetSpec, split: str, *, batch_size: int, sh
     if needs_preprocess:
       image = tf.numpy_function(lambda x: preprocess_image(x, spec), [image], tf.uint8)
       image = tf.ensure_shape(image, spec.shape)
-    label = tf.cast(example[spec.label_key], tf.int32) if spec.label_key else tf.constant(0, tf.int32)
+    label = (
+      tf.cast(example[spec.label_key], tf.int32) if spec.label_key else tf.constant(0, tf.int32)
+    )
     return image, label
 
   if repeat:
@@ -484,8 +576,9 @@ def _stream_split(builder, spec: DatasetSpec, split: str, *, batch_size: int, sh
 
 
 @functools.lru_cache(maxsize=8)
-def _load_split_cached(name: str, split: str, data_dir: str,
-                       max_examples: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+def _load_split_cached(
+  name: str, split: str, data_dir: str, max_examples: Optional[int]
+) -> Tuple[np.ndarray, np.ndarray]:
   spec = get_dataset_spec(name)
   if spec.source == 'folder' or not spec.in_memory:
     source, builder = _open_random_access(spec, split, data_dir)
@@ -508,8 +601,9 @@ def _load_split_cached(name: str, split: str, data_dir: str,
   else:
     chunks = []
     count = 0
-    for chunk in _stream_split(builder, spec, split, batch_size=1024, shuffle=False, repeat=False,
-                               seed=0):
+    for chunk in _stream_split(
+      builder, spec, split, batch_size=1024, shuffle=False, repeat=False, seed=0
+    ):
       chunks.append(chunk)
       count += len(chunk[1])
       if max_examples is not None and count >= max_examples:
@@ -522,8 +616,12 @@ def _load_split_cached(name: str, split: str, data_dir: str,
   return images, labels
 
 
-def load_split_as_array(name: str, split: str = 'train', data_dir: Optional[str] = None,
-                        max_examples: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+def load_split_as_array(
+  name: str,
+  split: str = 'train',
+  data_dir: Optional[str] = None,
+  max_examples: Optional[int] = None,
+) -> Tuple[np.ndarray, np.ndarray]:
   """A whole split in its stored order, preprocessed, as numpy arrays (cached per process).
 
   Args:
@@ -614,6 +712,28 @@ def _to_batch(images: np.ndarray, labels: np.ndarray, flips: Optional[np.ndarray
 _END = object()
 
 
+def _put(q: queue.Queue, stop: threading.Event, item) -> bool:
+  """Puts `item` unless `stop` is set first; returns whether it was put."""
+  while not stop.is_set():
+    try:
+      q.put(item, timeout=0.1)
+      return True
+    except queue.Full:
+      continue
+  return False
+
+
+def _produce(batches: Iterator[Batch], q: queue.Queue, stop: threading.Event) -> None:
+  """The prefetch thread: batches in order, then `_END`, or the exception that stopped them."""
+  try:
+    for batch in batches:
+      if not _put(q, stop, batch):
+        return
+    _put(q, stop, _END)
+  except BaseException as e:  # noqa: BLE001  Re-raised in the consumer's thread.
+    _put(q, stop, e)
+
+
 class BatchIterator:
   """An iterator of batch dicts with an optional background prefetch thread.
 
@@ -626,8 +746,16 @@ class BatchIterator:
       process_count); False for a streamed TFRecord dataset (see the module docstring).
   """
 
-  def __init__(self, batches: Iterator[Batch], *, spec: DatasetSpec, start_step: int,
-               local_batch_size: int, exact_resume: bool, prefetch: int):
+  def __init__(
+    self,
+    batches: Iterator[Batch],
+    *,
+    spec: DatasetSpec,
+    start_step: int,
+    local_batch_size: int,
+    exact_resume: bool,
+    prefetch: int,
+  ):
     self.spec, self.step = spec, start_step
     self.local_batch_size, self.exact_resume = local_batch_size, exact_resume
     self._batches = batches
@@ -635,26 +763,12 @@ class BatchIterator:
     self._stop = threading.Event()
     if prefetch > 0:
       self._queue = queue.Queue(maxsize=prefetch)
-      self._thread = threading.Thread(target=self._produce, name='diffjax-data', daemon=True)
+      # The thread gets the queue and the stop flag, not `self`: an abandoned iterator can then be
+      # garbage-collected, and its `__del__` stops the thread.
+      self._thread = threading.Thread(
+        target=_produce, args=(batches, self._queue, self._stop), name='diffjax-data', daemon=True
+      )
       self._thread.start()
-
-  def _put(self, item) -> bool:
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def _produce(self) -> None:
-    try:
-      for batch in self._batches:
-        if not self._put(batch):
-          return
-      self._put(_END)
-    except BaseException as e:  # noqa: BLE001  Re-raised in the consumer's thread.
-      self._put(e)
 
   def __iter__(self) -> 'BatchIterator':
     return self
@@ -689,8 +803,17 @@ class BatchIterator:
     self._stop.set()
 
 
-def _random_access_batches(source, order: _Order, *, global_batch: int, lo: int, hi: int,
-                           start_step: int, repeat: bool, x_flip: bool) -> Iterator[Batch]:
+def _random_access_batches(
+  source,
+  order: _Order,
+  *,
+  global_batch: int,
+  lo: int,
+  hi: int,
+  start_step: int,
+  repeat: bool,
+  x_flip: bool,
+) -> Iterator[Batch]:
   n = len(source)
   step = start_step
   while True:
@@ -705,17 +828,37 @@ def _random_access_batches(source, order: _Order, *, global_batch: int, lo: int,
     step += 1
 
 
-def _streamed_batches(builder, spec: DatasetSpec, split: str, *, global_batch: int, local_batch: int,
-                      seed: int, start_step: int, process_index: int, process_count: int,
-                      shuffle: bool, repeat: bool, x_flip: bool) -> Iterator[Batch]:
+def _streamed_batches(
+  builder,
+  spec: DatasetSpec,
+  split: str,
+  *,
+  global_batch: int,
+  local_batch: int,
+  seed: int,
+  start_step: int,
+  process_index: int,
+  process_count: int,
+  shuffle: bool,
+  repeat: bool,
+  x_flip: bool,
+) -> Iterator[Batch]:
   # Re-seeded by where we start: a resumed run continues with a fresh shuffle (not bit-exact).
   stream_seed = _splitmix64(_splitmix64(_U64(seed % 2**64)) ^ _U64(start_step))
   stream_seed = int(_splitmix64(stream_seed ^ _U64(process_index)) >> _U64(33))
   order = _Order(1, seed, shuffle=False)
   step = start_step
-  for images, labels in _stream_split(builder, spec, split, batch_size=local_batch, shuffle=shuffle,
-                                      repeat=repeat, seed=stream_seed, process_index=process_index,
-                                      process_count=process_count):
+  for images, labels in _stream_split(
+    builder,
+    spec,
+    split,
+    batch_size=local_batch,
+    shuffle=shuffle,
+    repeat=repeat,
+    seed=stream_seed,
+    process_index=process_index,
+    process_count=process_count,
+  ):
     first = step * global_batch + process_index * local_batch
     positions = np.arange(first, first + len(labels), dtype=np.int64)
     yield _to_batch(images, labels, order.flips(positions) if x_flip else None)
@@ -773,8 +916,10 @@ def make_iterator(
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple of the '
-                     f'process count {process_count}.')
+    raise ValueError(
+      f'global_batch_size {global_batch_size} must be a positive multiple of the '
+      f'process count {process_count}.'
+    )
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} is outside [0, {process_count}).')
   if start_step < 0:
@@ -786,13 +931,36 @@ def make_iterator(
     if len(source) == 0:
       raise ValueError(f'Split {split!r} of dataset {name!r} is empty.')
     order = _Order(len(source), seed, shuffle)
-    batches = _random_access_batches(source, order, global_batch=global_batch_size, lo=lo,
-                                     hi=lo + local, start_step=start_step, repeat=repeat,
-                                     x_flip=x_flip)
+    batches = _random_access_batches(
+      source,
+      order,
+      global_batch=global_batch_size,
+      lo=lo,
+      hi=lo + local,
+      start_step=start_step,
+      repeat=repeat,
+      x_flip=x_flip,
+    )
   else:
-    batches = _streamed_batches(builder, spec, split, global_batch=global_batch_size,
-                                local_batch=local, seed=seed, start_step=start_step,
-                                process_index=process_index, process_count=process_count,
-                                shuffle=shuffle, repeat=repeat, x_flip=x_flip)
-  return BatchIterator(batches, spec=spec, start_step=start_step, local_batch_size=local,
-                       exact_resume=source is not None, prefetch=prefetch)
+    batches = _streamed_batches(
+      builder,
+      spec,
+      split,
+      global_batch=global_batch_size,
+      local_batch=local,
+      seed=seed,
+      start_step=start_step,
+      process_index=process_index,
+      process_count=process_count,
+      shuffle=shuffle,
+      repeat=repeat,
+      x_flip=x_flip,
+    )
+  return BatchIterator(
+    batches,
+    spec=spec,
+    start_step=start_step,
+    local_batch_size=local,
+    exact_resume=source is not None,
+    prefetch=prefetch,
+  )

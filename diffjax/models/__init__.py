@@ -21,8 +21,16 @@ from diffjax.models.layers import Conv2d, GroupNorm, Init, Linear, UNetBlock
 from diffjax.models.song_unet import SongUNet
 
 __all__ = [
-  'Conv2d', 'FourierEmbedding', 'GroupNorm', 'Init', 'Linear', 'PositionalEmbedding', 'PRESETS',
-  'SongUNet', 'UNetBlock', 'create_network',
+  'Conv2d',
+  'FourierEmbedding',
+  'GroupNorm',
+  'Init',
+  'Linear',
+  'PositionalEmbedding',
+  'PRESETS',
+  'SongUNet',
+  'UNetBlock',
+  'create_network',
 ]
 
 registry.add('network', 'song_unet', SongUNet)
@@ -31,12 +39,29 @@ registry.add('network', 'song_unet', SongUNet)
 # augmentation label whenever augmentation is on, which it is for every published run; label_dim is
 # left to the dataset (pass label_dim=10 for the conditional model).
 _DDPMPP_CIFAR10 = dict(
-  img_resolution=32, in_channels=3, out_channels=3, augment_dim=9,
-  model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4, num_blocks=4,
-  attn_resolutions=(16,), dropout=0.13, embedding_type='positional', channel_mult_noise=1,
-  encoder_type='standard', decoder_type='standard', resample_filter=(1, 1))
-_NCSNPP = dict(embedding_type='fourier', channel_mult_noise=2, encoder_type='residual',
-               decoder_type='standard', resample_filter=(1, 3, 3, 1))
+  img_resolution=32,
+  in_channels=3,
+  out_channels=3,
+  augment_dim=9,
+  model_channels=128,
+  channel_mult=(2, 2, 2),
+  channel_mult_emb=4,
+  num_blocks=4,
+  attn_resolutions=(16,),
+  dropout=0.13,
+  embedding_type='positional',
+  channel_mult_noise=1,
+  encoder_type='standard',
+  decoder_type='standard',
+  resample_filter=(1, 1),
+)
+_NCSNPP = dict(
+  embedding_type='fourier',
+  channel_mult_noise=2,
+  encoder_type='residual',
+  decoder_type='standard',
+  resample_filter=(1, 3, 3, 1),
+)
 # FFHQ / AFHQv2 64×64 (--cres=1,2,2,2 --dropout=0.05 --augment=0.15; AFHQv2 uses dropout 0.25).
 _AT_64 = dict(img_resolution=64, channel_mult=(1, 2, 2, 2), dropout=0.05)
 
@@ -45,15 +70,33 @@ PRESETS: Dict[str, Dict[str, Any]] = {
   'ncsnpp_cifar10': {**_DDPMPP_CIFAR10, **_NCSNPP},
   'ddpmpp_64': {**_DDPMPP_CIFAR10, **_AT_64},
   'ncsnpp_64': {**_DDPMPP_CIFAR10, **_NCSNPP, **_AT_64},
-  # For tests: compiles in seconds at 8×8 (two levels, attention at 4×4).
+  # For tests: two levels at 8×8, attention at 4×4. No dropout by default: on CPU each dropout mask
+  # adds a PRNG computation to the compiled train step (about 40% of its compile time here); tests of
+  # the 'dropout' rng plumbing should pass dropout=0.1.
   'tiny': dict(
-    img_resolution=8, in_channels=1, out_channels=1, model_channels=16, channel_mult=(1, 2),
-    num_blocks=1, attn_resolutions=(4,), dropout=0.1),
-  # 8×8×1 class-conditional digits (scikit-learn's bundled set): ~0.9M parameters, trains in
+    img_resolution=8,
+    in_channels=1,
+    out_channels=1,
+    model_channels=16,
+    channel_mult=(1, 2),
+    num_blocks=1,
+    attn_resolutions=(4,),
+    dropout=0.0,
+  ),
+  # 8×8×1 class-conditional digits (scikit-learn's bundled set): about 1.0M parameters, trains in
   # minutes on a couple of CPU cores.
   'digits': dict(
-    img_resolution=8, in_channels=1, out_channels=1, label_dim=10, model_channels=32,
-    channel_mult=(1, 2), channel_mult_emb=4, num_blocks=2, attn_resolutions=(4,), dropout=0.1),
+    img_resolution=8,
+    in_channels=1,
+    out_channels=1,
+    label_dim=10,
+    model_channels=32,
+    channel_mult=(1, 2),
+    channel_mult_emb=4,
+    num_blocks=2,
+    attn_resolutions=(4,),
+    dropout=0.1,
+  ),
 }
 
 for _name, _preset in PRESETS.items():
@@ -86,6 +129,8 @@ def create_network(name: str, **overrides: Any) -> nn.Module:
   fields = {f.name for f in dataclasses.fields(constructor) if f.init} - {'parent', 'name'}
   unknown = sorted(set(kwargs) - fields)
   if unknown:
-    raise ValueError(f'Network preset {name!r} ({constructor.__name__}) has no field(s) '
-                     f'{", ".join(unknown)}; known fields: {", ".join(sorted(fields))}.')
+    raise ValueError(
+      f'Network preset {name!r} ({constructor.__name__}) has no field(s) '
+      f'{", ".join(unknown)}; known fields: {", ".join(sorted(fields))}.'
+    )
   return constructor(**{k: _hashable(v) for k, v in kwargs.items()})

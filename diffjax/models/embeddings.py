@@ -15,8 +15,9 @@ import numpy as np
 Array = jax.Array
 
 
-def positional_frequencies(num_channels: int, max_positions: int = 10000,
-                           endpoint: bool = False) -> np.ndarray:
+def positional_frequencies(
+  num_channels: int, max_positions: int = 10000, endpoint: bool = False
+) -> np.ndarray:
   """Frequencies (1 / max_positions)^(i / d), i = 0..num_channels/2 - 1, float32 [num_channels // 2].
 
   d = num_channels/2 - 1 when `endpoint` (the last frequency is exactly 1/max_positions, as in EDM's
@@ -24,14 +25,16 @@ def positional_frequencies(num_channels: int, max_positions: int = 10000,
   """
   half = num_channels // 2
   if half < 1 or (endpoint and half < 2):
-    raise ValueError(f'A positional embedding needs at least {4 if endpoint else 2} channels, '
-                     f'got {num_channels}.')
+    raise ValueError(
+      f'A positional embedding needs at least {4 if endpoint else 2} channels, got {num_channels}.'
+    )
   i = np.arange(half, dtype=np.float64)
   return ((1 / max_positions) ** (i / (half - (1 if endpoint else 0)))).astype(np.float32)
 
 
-def positional_embedding(x: Array, num_channels: int, max_positions: int = 10000,
-                         endpoint: bool = False) -> Array:
+def positional_embedding(
+  x: Array, num_channels: int, max_positions: int = 10000, endpoint: bool = False
+) -> Array:
   """Sinusoidal embedding [cos(x·ω), sin(x·ω)] of a batch of scalars.
 
   Args:

@@ -95,7 +95,9 @@ def resample_filter_2d(taps: Sequence[float]) -> np.ndarray:
   """
   f = np.asarray(taps, dtype=np.float64)
   if f.ndim != 1 or f.size == 0 or f.sum() == 0:
-    raise ValueError(f'resample_filter must be a non-empty 1-D list of taps with a non-zero sum, got {taps}.')
+    raise ValueError(
+      f'resample_filter must be a non-empty 1-D list of taps with a non-zero sum, got {taps}.'
+    )
   return (np.outer(f, f) / f.sum() ** 2).astype(np.float32)
 
 
@@ -117,8 +119,13 @@ def depthwise_downsample(x: Array, f2d: np.ndarray, padding: int) -> Array:
   """
   c = x.shape[-1]
   return jax.lax.conv_general_dilated(
-    x, _depthwise_kernel(f2d, c, x.dtype), window_strides=(2, 2),
-    padding=((padding, padding), (padding, padding)), dimension_numbers=_NHWC, feature_group_count=c)
+    x,
+    _depthwise_kernel(f2d, c, x.dtype),
+    window_strides=(2, 2),
+    padding=((padding, padding), (padding, padding)),
+    dimension_numbers=_NHWC,
+    feature_group_count=c,
+  )
 
 
 def depthwise_upsample(x: Array, f2d: np.ndarray, padding: int) -> Array:
@@ -141,8 +148,14 @@ def depthwise_upsample(x: Array, f2d: np.ndarray, padding: int) -> Array:
   flipped = np.ascontiguousarray(f2d[::-1, ::-1]) * 4
   pad = k - 1 - padding
   return jax.lax.conv_general_dilated(
-    x, _depthwise_kernel(flipped, c, x.dtype), window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
-    lhs_dilation=(2, 2), dimension_numbers=_NHWC, feature_group_count=c)
+    x,
+    _depthwise_kernel(flipped, c, x.dtype),
+    window_strides=(1, 1),
+    padding=((pad, pad), (pad, pad)),
+    lhs_dilation=(2, 2),
+    dimension_numbers=_NHWC,
+    feature_group_count=c,
+  )
 
 
 def downsample_2d(x: Array, taps: Sequence[float] = (1, 1)) -> Array:
@@ -160,8 +173,12 @@ def upsample_2d(x: Array, taps: Sequence[float] = (1, 1)) -> Array:
 def conv2d(x: Array, kernel: Array, padding: int) -> Array:
   """Plain stride-1 convolution (cross-correlation) of NHWC `x` with an HWIO `kernel`."""
   return jax.lax.conv_general_dilated(
-    x, kernel, window_strides=(1, 1), padding=((padding, padding), (padding, padding)),
-    dimension_numbers=_NHWC)
+    x,
+    kernel,
+    window_strides=(1, 1),
+    padding=((padding, padding), (padding, padding)),
+    dimension_numbers=_NHWC,
+  )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,12 +204,20 @@ class Linear(nn.Module):
   def __call__(self, x: Array) -> Array:
     """Maps [..., in_features] to [..., features]."""
     fan_in, fan_out = x.shape[-1], self.features
-    kernel = self.param('kernel', weight_init(self.init_spec.mode, fan_in, fan_out, self.init_spec.weight),
-                        (fan_in, fan_out), jnp.float32)
+    kernel = self.param(
+      'kernel',
+      weight_init(self.init_spec.mode, fan_in, fan_out, self.init_spec.weight),
+      (fan_in, fan_out),
+      jnp.float32,
+    )
     y = jnp.asarray(x, self.dtype) @ kernel.astype(self.dtype)
     if self.use_bias:
-      bias = self.param('bias', weight_init(self.init_spec.mode, fan_in, fan_out, self.init_spec.bias),
-                        (fan_out,), jnp.float32)
+      bias = self.param(
+        'bias',
+        weight_init(self.init_spec.mode, fan_in, fan_out, self.init_spec.bias),
+        (fan_out,),
+        jnp.float32,
+      )
       y = y + bias.astype(self.dtype)
     return y
 
@@ -238,11 +263,19 @@ class Conv2d(nn.Module):
     kernel = bias = None
     if k:
       fan_in, fan_out = cin * k * k, self.features * k * k
-      kernel = self.param('kernel', weight_init(self.init_spec.mode, fan_in, fan_out, self.init_spec.weight),
-                          (k, k, cin, self.features), jnp.float32).astype(self.dtype)
+      kernel = self.param(
+        'kernel',
+        weight_init(self.init_spec.mode, fan_in, fan_out, self.init_spec.weight),
+        (k, k, cin, self.features),
+        jnp.float32,
+      ).astype(self.dtype)
       if self.use_bias:
-        bias = self.param('bias', weight_init(self.init_spec.mode, fan_in, fan_out, self.init_spec.bias),
-                          (self.features,), jnp.float32).astype(self.dtype)
+        bias = self.param(
+          'bias',
+          weight_init(self.init_spec.mode, fan_in, fan_out, self.init_spec.bias),
+          (self.features,),
+          jnp.float32,
+        ).astype(self.dtype)
     f2d = resample_filter_2d(self.resample_filter) if (self.up or self.down) else None
     w_pad = k // 2
     f_pad = (f2d.shape[0] - 1) // 2 if f2d is not None else 0
@@ -305,7 +338,8 @@ def group_count(channels: int, num_groups: int = 32, min_channels_per_group: int
     raise ValueError(
       f'GroupNorm over {channels} channels would use {groups} groups, which do not divide them; '
       'choose model_channels so that every layer width is a multiple of its group count '
-      '(e.g. a multiple of 32).')
+      '(e.g. a multiple of 32).'
+    )
   return groups
 
 
@@ -384,14 +418,16 @@ class UNetBlock(nn.Module):
     cin, cout = x.shape[-1], self.features
     dt = self.dtype
     conv = lambda feats, k, spec, **kw: Conv2d(
-      feats, k, resample_filter=tuple(self.resample_filter), init_spec=spec, dtype=dt, **kw)
+      feats, k, resample_filter=tuple(self.resample_filter), init_spec=spec, dtype=dt, **kw
+    )
 
     orig = x
     h = nn.silu(GroupNorm(eps=self.eps, dtype=dt, name='norm0')(x))
     h = conv(cout, 3, self.init_spec, up=self.up, down=self.down, name='conv0')(h)
 
-    params = Linear(cout * (2 if self.adaptive_scale else 1), init_spec=self.init_spec, dtype=dt,
-                    name='affine')(emb)[:, None, None, :]
+    params = Linear(
+      cout * (2 if self.adaptive_scale else 1), init_spec=self.init_spec, dtype=dt, name='affine'
+    )(emb)[:, None, None, :]
     norm1 = GroupNorm(eps=self.eps, dtype=dt, name='norm1')
     if self.adaptive_scale:
       scale, shift = jnp.split(params, 2, axis=-1)
@@ -410,13 +446,15 @@ class UNetBlock(nn.Module):
     if self.attention:
       heads = self.num_heads if self.num_heads is not None else cout // self.channels_per_head
       if heads < 1 or cout % heads:
-        raise ValueError(f'Attention over {cout} channels cannot use {heads} heads; they must divide it.')
+        raise ValueError(
+          f'Attention over {cout} channels cannot use {heads} heads; they must divide it.'
+        )
       b, hh, ww, _ = h.shape
       qkv = conv(3 * cout, 1, self.init_attn or self.init_spec, name='qkv')(
-        GroupNorm(eps=self.eps, dtype=dt, name='norm2')(h))
+        GroupNorm(eps=self.eps, dtype=dt, name='norm2')(h)
+      )
       # Channel layout (head, channel, q/k/v), the one EDM's checkpoints use.
       qkv = qkv.reshape(b, hh * ww, heads, cout // heads, 3)
       a = attention(qkv[..., 0], qkv[..., 1], qkv[..., 2]).reshape(b, hh, ww, cout)
       h = (conv(cout, 1, self.init_zero, name='proj')(a) + h) * jnp.asarray(self.skip_scale, dt)
     return h
-

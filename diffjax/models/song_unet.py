@@ -84,23 +84,34 @@ class SongUNet(nn.Module):
 
   def _check(self, x: Array) -> None:
     """Fails with one sentence on a bad configuration or input shape."""
-    for field, value, allowed in (('embedding_type', self.embedding_type, _EMBEDDINGS),
-                                  ('encoder_type', self.encoder_type, _ENCODERS),
-                                  ('decoder_type', self.decoder_type, _DECODERS)):
+    for field, value, allowed in (
+      ('embedding_type', self.embedding_type, _EMBEDDINGS),
+      ('encoder_type', self.encoder_type, _ENCODERS),
+      ('decoder_type', self.decoder_type, _DECODERS),
+    ):
       if value not in allowed:
         raise ValueError(f'Unknown SongUNet {field} {value!r}; known: {", ".join(allowed)}.')
     levels = len(self.channel_mult)
     if levels < 1 or self.img_resolution % (2 ** (levels - 1)):
       raise ValueError(
         f'img_resolution {self.img_resolution} must be divisible by 2^{levels - 1} for '
-        f'channel_mult {tuple(self.channel_mult)}; use fewer levels or a larger image.')
+        f'channel_mult {tuple(self.channel_mult)}; use fewer levels or a larger image.'
+      )
     expected = (self.img_resolution, self.img_resolution, self.in_channels)
     if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-      raise ValueError(f'SongUNet expects x of shape [B, {expected[0]}, {expected[1]}, {expected[2]}] '
-                       f'(NHWC), got {tuple(x.shape)}.')
+      raise ValueError(
+        f'SongUNet expects x of shape [B, {expected[0]}, {expected[1]}, {expected[2]}] '
+        f'(NHWC), got {tuple(x.shape)}.'
+      )
 
-  def _embed(self, noise_labels: Array, class_labels: Optional[Array],
-             augment_labels: Optional[Array], batch: int, train: bool) -> Array:
+  def _embed(
+    self,
+    noise_labels: Array,
+    class_labels: Optional[Array],
+    augment_labels: Optional[Array],
+    batch: int,
+    train: bool,
+  ) -> Array:
     """The conditioning vector [B, model_channels · channel_mult_emb] shared by every block."""
     noise_ch = self.model_channels * self.channel_mult_noise
     emb_ch = self.model_channels * self.channel_mult_emb
@@ -117,31 +128,43 @@ class SongUNet(nn.Module):
       if class_labels is None:  # The null label: what label dropout substitutes, used for CFG.
         class_labels = jnp.zeros((batch, self.label_dim), jnp.float32)
       if class_labels.shape != (batch, self.label_dim):
-        raise ValueError(f'class_labels must be one-hot of shape [{batch}, {self.label_dim}], '
-                         f'got {tuple(class_labels.shape)}; use jax.nn.one_hot(labels, {self.label_dim}).')
+        raise ValueError(
+          f'class_labels must be one-hot of shape [{batch}, {self.label_dim}], '
+          f'got {tuple(class_labels.shape)}; use jax.nn.one_hot(labels, {self.label_dim}).'
+        )
       labels = jnp.asarray(class_labels, jnp.float32)
       if train and self.label_dropout:
         keep = jax.random.uniform(self.make_rng('dropout'), (batch, 1)) >= self.label_dropout
         labels = labels * keep
       # sqrt(label_dim) makes a one-hot vector unit-variance per entry, like the noise embedding.
       emb = emb + Linear(noise_ch, init_spec=_INIT, dtype=dt, name='map_label')(
-        labels * math.sqrt(self.label_dim))
+        labels * math.sqrt(self.label_dim)
+      )
 
     if self.augment_dim:
       if augment_labels is None:  # No augmentation: zeros (the map has no bias, so this adds 0).
         augment_labels = jnp.zeros((batch, self.augment_dim), jnp.float32)
       if augment_labels.shape != (batch, self.augment_dim):
-        raise ValueError(f'augment_labels must have shape [{batch}, {self.augment_dim}], '
-                         f'got {tuple(augment_labels.shape)}.')
+        raise ValueError(
+          f'augment_labels must have shape [{batch}, {self.augment_dim}], '
+          f'got {tuple(augment_labels.shape)}.'
+        )
       emb = emb + Linear(noise_ch, use_bias=False, init_spec=_INIT, dtype=dt, name='map_augment')(
-        augment_labels)
+        augment_labels
+      )
 
     emb = nn.silu(Linear(emb_ch, init_spec=_INIT, dtype=dt, name='map_layer0')(emb))
     return nn.silu(Linear(emb_ch, init_spec=_INIT, dtype=dt, name='map_layer1')(emb))
 
   @nn.compact
-  def __call__(self, x: Array, noise_labels: Array, class_labels: Optional[Array] = None,
-               augment_labels: Optional[Array] = None, train: bool = False) -> Array:
+  def __call__(
+    self,
+    x: Array,
+    noise_labels: Array,
+    class_labels: Optional[Array] = None,
+    augment_labels: Optional[Array] = None,
+    train: bool = False,
+  ) -> Array:
     """Applies the network.
 
     Args:
@@ -161,11 +184,24 @@ class SongUNet(nn.Module):
     batch = x.shape[0]
     emb = self._embed(noise_labels, class_labels, augment_labels, batch, train)
     block = lambda feats, name, **kw: UNetBlock(
-      feats, num_heads=1, dropout=self.dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
-      resample_filter=tuple(self.resample_filter), resample_proj=True, adaptive_scale=False,
-      init_spec=_INIT, init_zero=_INIT_ZERO, init_attn=_INIT_ATTN, dtype=dt, name=name, **kw)
+      feats,
+      num_heads=1,
+      dropout=self.dropout,
+      skip_scale=math.sqrt(0.5),
+      eps=1e-6,
+      resample_filter=tuple(self.resample_filter),
+      resample_proj=True,
+      adaptive_scale=False,
+      init_spec=_INIT,
+      init_zero=_INIT_ZERO,
+      init_attn=_INIT_ATTN,
+      dtype=dt,
+      name=name,
+      **kw,
+    )
     resample = lambda name, **kw: Conv2d(
-      0, 0, resample_filter=tuple(self.resample_filter), dtype=dt, name=name, **kw)
+      0, 0, resample_filter=tuple(self.resample_filter), dtype=dt, name=name, **kw
+    )
 
     # Encoder: every block output is kept as a skip connection for the decoder.
     x = jnp.asarray(x, dt)
@@ -184,14 +220,26 @@ class SongUNet(nn.Module):
         skips.append(x)
         if self.encoder_type == 'skip':
           aux = resample(f'enc_{tag}_aux_down', down=True)(aux)
-          x = skips[-1] = x + Conv2d(cout, 1, init_spec=_INIT, dtype=dt, name=f'enc_{tag}_aux_skip')(aux)
+          x = skips[-1] = x + Conv2d(
+            cout, 1, init_spec=_INIT, dtype=dt, name=f'enc_{tag}_aux_skip'
+          )(aux)
         elif self.encoder_type == 'residual':
-          aux_res = Conv2d(cout, 3, down=True, resample_filter=tuple(self.resample_filter),
-                           fused_resample=True, init_spec=_INIT, dtype=dt, name=f'enc_{tag}_aux_residual')
+          aux_res = Conv2d(
+            cout,
+            3,
+            down=True,
+            resample_filter=tuple(self.resample_filter),
+            fused_resample=True,
+            init_spec=_INIT,
+            dtype=dt,
+            name=f'enc_{tag}_aux_residual',
+          )
           x = skips[-1] = aux = (x + aux_res(aux)) * jnp.asarray(math.sqrt(0.5), dt)
       for idx in range(self.num_blocks):
         cout = self.model_channels * mult
-        x = block(cout, f'enc_{tag}_block{idx}', attention=res in self.attn_resolutions)(x, emb, train)
+        x = block(cout, f'enc_{tag}_block{idx}', attention=res in self.attn_resolutions)(
+          x, emb, train
+        )
         skips.append(x)
 
     # Decoder: the lowest level starts with two blocks (the first with attention); every other level
@@ -215,6 +263,8 @@ class SongUNet(nn.Module):
         if self.decoder_type == 'skip' and level < last:
           out = resample(f'dec_{tag}_aux_up', up=True)(out)
         h = nn.silu(GroupNorm(eps=1e-6, dtype=dt, name=f'dec_{tag}_aux_norm')(x))
-        h = Conv2d(self.out_channels, 3, init_spec=_INIT_ZERO, dtype=dt, name=f'dec_{tag}_aux_conv')(h)
+        h = Conv2d(
+          self.out_channels, 3, init_spec=_INIT_ZERO, dtype=dt, name=f'dec_{tag}_aux_conv'
+        )(h)
         out = h if out is None else h + out
     return out.astype(jnp.float32)

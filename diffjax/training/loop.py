@@ -132,7 +132,6 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
   from diffjax import data  # TensorFlow loads here, not at import time.
   spec = build.dataset_spec(config)
   denoiser = build.build_denoiser(config, spec)
-  loss = build.build_loss(config)
   tx = build.build_optimizer(config)
   if is_main:
     build.save_config(config, workdir)
@@ -156,10 +155,9 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
   last = total_steps(config) if max_steps is None else min(max_steps, total_steps(config))
   o = config.optim
   train_step = step_lib.make_train_step(
-      denoiser, loss, tx, batch_size=batch_size,
+      build.build_objective(config, spec, denoiser), tx, batch_size=batch_size,
       ema_halflife_images=config.train.ema_halflife_images,
       ema_rampup_ratio=config.train.ema_rampup_ratio,
-      num_classes=build.num_classes(config, spec), augment_fn=build.build_augment(config),
       skip_nonfinite=bool(config.train.skip_nonfinite),
       lr_fn=lambda s: state_lib.learning_rate(s, o.lr, o.lr_rampup_images, batch_size))
   jitted_step = jax.jit(train_step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep),

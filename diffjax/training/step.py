@@ -1,6 +1,6 @@
-"""The pure training step: one optimizer update of a denoiser under an EDM-family loss.
+"""The pure training step: one optimizer update of a denoiser under any objective.
 
-`make_train_step` closes over the parts (denoiser, loss, optimizer, augmentation) and returns
+`make_train_step` closes over an objective `loss_fn(params, batch, key)` and the optimizer and returns
 `train_step(state, batch, base_key) -> (state, metrics)`, a pure function of arrays that the loop
 jits with the mesh's shardings. Randomness comes from `fold_in(base_key, step)`, so a resumed run
 draws exactly the noise the uninterrupted run would have drawn.
@@ -25,28 +25,15 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_train_step(denoiser: Denoiser, loss: losses_lib.DenoisingLoss,
-                    tx: optax.GradientTransformation, *, batch_size: int,
-                    ema_halflife_images: float, ema_rampup_ratio: Optional[float] = 0.05,
-                    num_classes: int = 0, augment_fn: Optional[Callable] = None,
-                    skip_nonfinite: bool = False, lr_fn: Optional[Callable] = None) -> Callable:
-  """Builds the pure train step.
+def denoising_objective(denoiser: Denoiser, loss: losses_lib.DenoisingLoss, *,
+                        num_classes: int = 0, augment_fn: Optional[Callable] = None) -> Callable:
+  """The EDM-family objective as `loss_fn(params, batch, key) -> (scalar, aux)`.
 
   Args:
     denoiser: the preconditioned network.
     loss: σ distribution and weighting.
-    tx: the optimizer.
-    batch_size: global batch size, for the image-based EMA.
-    ema_halflife_images, ema_rampup_ratio: EMA half-life in images and its ramp-up ratio.
     num_classes: > 0 feeds one-hot class labels to the network.
     augment_fn: (key, images [B,H,W,C]) -> (images, augment_labels [B, A]) or None.
-    skip_nonfinite: when a loss or gradient is non-finite, leave the state unchanged (besides the
-      step counter) instead of applying the update.
-    lr_fn: step -> learning rate, only reported in the metrics.
-
-  Returns:
-    train_step(state, batch, base_key) -> (new_state, metrics); batch = {'image': [B,H,W,C] in
-    [-1, 1], 'label': int [B]}; metrics are scalars: loss, grad_norm, finite, lr, ema_beta.
   """
 
   def loss_fn(params, batch, key):
@@ -64,6 +51,29 @@ def make_train_step(denoiser: Denoiser, loss: losses_lib.DenoisingLoss,
                       rngs={'dropout': key_dropout})
 
     return losses_lib.denoising_loss(denoise, loss, y, key_loss)
+
+  return loss_fn
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, batch_size: int,
+                    ema_halflife_images: float, ema_rampup_ratio: Optional[float] = 0.05,
+                    skip_nonfinite: bool = False, lr_fn: Optional[Callable] = None) -> Callable:
+  """Builds the pure train step around any objective.
+
+  Args:
+    loss_fn: (params, batch, key) -> (scalar loss, aux); e.g. `denoising_objective(...)`. Every
+      paper's loss (EDM, iDDPM, distillation, Soft Score Matching) plugs in here.
+    tx: the optimizer.
+    batch_size: global batch size, for the image-based EMA.
+    ema_halflife_images, ema_rampup_ratio: EMA half-life in images and its ramp-up ratio.
+    skip_nonfinite: when a loss, gradient or updated parameter is non-finite, leave the state
+      unchanged (besides the step counter) instead of applying the update.
+    lr_fn: step -> learning rate, only reported in the metrics.
+
+  Returns:
+    train_step(state, batch, base_key) -> (new_state, metrics); metrics are scalars: loss,
+    grad_norm, finite, ema_beta (and lr).
+  """
 
   def train_step(state: state_lib.TrainState, batch, base_key):
     key = jax.random.fold_in(base_key, state.step)
