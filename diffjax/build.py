@@ -65,8 +65,8 @@ def build_loss(config) -> losses_lib.DenoisingLoss:
   return losses_lib.get_loss(config.loss.name, **_kwargs(config.loss.kwargs))
 
 
-def build_objective(config, spec, denoiser: precond_lib.Denoiser) -> Callable:
-  """`loss_fn(params, batch, key) -> (loss, aux)` for config.loss.
+def build_objective(config, spec, denoiser: precond_lib.Denoiser):
+  """The `training.step.Objective` of config.loss.
 
   A registered loss either is a `losses.DenoisingLoss` (the EDM family) or provides
   `objective(denoiser, num_classes=..., augment_fn=...)` itself (other papers' losses).
@@ -76,7 +76,7 @@ def build_objective(config, spec, denoiser: precond_lib.Denoiser) -> Callable:
   kwargs = dict(num_classes=num_classes(config, spec), augment_fn=build_augment(config))
   if isinstance(loss, losses_lib.DenoisingLoss):
     return step_lib.denoising_objective(denoiser, loss, **kwargs)
-  return loss.objective(denoiser, **kwargs)
+  return step_lib.as_objective(loss.objective(denoiser, **kwargs))
 
 
 def build_denoiser(config, spec) -> precond_lib.Denoiser:
@@ -190,9 +190,11 @@ def load(workdir: str, step: Optional[int] = None) -> Run:
   denoiser = build_denoiser(config, spec)
   tx = build_optimizer(config)
 
+  objective = build_objective(config, spec, denoiser)
+
   def make_state():
     params = init_params(denoiser.network, spec, jax.random.key(0))
-    return state_lib.create_train_state(params, tx)
+    return state_lib.create_train_state(params, tx, objective.init_extra())
 
   abstract = jax.eval_shape(make_state)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), async_save=False)

@@ -111,4 +111,4 @@ def parse_flags(argv: Sequence[str]):
       # ml_collections embeds the config file's traceback; its last line is `SomeError: message`.
       message = re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', message)
     print(f'error: {message}', file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(2) from None

@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -111,7 +111,9 @@ def _make_preview(config, denoiser, spec, mesh):
   return preview
 
 
-def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bool = True) -> Any:
+def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bool = True,
+          objective=None, init_params: Optional[Callable[[], Any]] = None,
+          denoiser=None) -> Any:
   """Trains (or resumes) the run in `workdir` and returns the final TrainState.
 
   Args:
@@ -119,6 +121,11 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
     workdir: the run's directory: config.json, checkpoints/, metrics.jsonl, samples/.
     max_steps: stop after this global step even if the run is longer (tests, staged runs).
     progress: show a progress bar.
+    objective: a `step.Objective` to train instead of config.loss's (e.g. a distillation target
+      that closes over a teacher).
+    init_params: () -> initial params, instead of a fresh init (e.g. a student that starts from
+      its teacher). Ignored when the workdir already has a checkpoint (the run resumes).
+    denoiser: the preconditioned network, instead of the one config.model/precond build.
 
   Raises:
     TrainingDiverged: on a non-finite loss or gradient (unless config.train.skip_nonfinite).
@@ -131,7 +138,8 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
 
   from diffjax import data  # TensorFlow loads here, not at import time.
   spec = build.dataset_spec(config)
-  denoiser = build.build_denoiser(config, spec)
+  denoiser = denoiser or build.build_denoiser(config, spec)
+  objective = step_lib.as_objective(objective or build.build_objective(config, spec, denoiser))
   tx = build.build_optimizer(config)
   if is_main:
     build.save_config(config, workdir)
@@ -140,7 +148,9 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
   key_init, key_train = jax.random.split(jax.random.key(int(config.seed)))
 
   def make_state():
-    return state_lib.create_train_state(build.init_params(denoiser.network, spec, key_init), tx)
+    params = (init_params() if init_params is not None else
+              build.init_params(denoiser.network, spec, key_init))
+    return state_lib.create_train_state(params, tx, objective.init_extra())
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, build.CHECKPOINT_DIR),
                                        max_to_keep=int(config.train.keep_checkpoints))
@@ -149,13 +159,17 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
     state, start = checkpointer.restore(abstract)
     if is_main:
       print(f'Resuming from step {start} of {workdir}.', flush=True)
+  elif init_params is not None:
+    # Given params (e.g. a teacher's) are placed as they are, not baked into a jitted init.
+    state = state_lib.create_train_state(init_params(), tx, objective.init_extra())
+    state, start = jax.device_put(state, rep), 0
   else:
     state, start = jax.jit(make_state, out_shardings=rep)(), 0
 
   last = total_steps(config) if max_steps is None else min(max_steps, total_steps(config))
   o = config.optim
   train_step = step_lib.make_train_step(
-      build.build_objective(config, spec, denoiser), tx, batch_size=batch_size,
+      objective, tx, batch_size=batch_size,
       ema_halflife_images=config.train.ema_halflife_images,
       ema_rampup_ratio=config.train.ema_rampup_ratio,
       skip_nonfinite=bool(config.train.skip_nonfinite),

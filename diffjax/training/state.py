@@ -24,17 +24,22 @@ class TrainState:
     params: network parameters.
     ema_params: exponential moving average of params (what is sampled from).
     opt_state: optimizer state.
+    extra: the objective's own state (e.g. iDDPM's loss history for importance sampling), a
+      pytree of arrays; {} for most objectives.
   """
   step: jax.Array
   params: Any
   ema_params: Any
   opt_state: Any
+  extra: Any = struct.field(default_factory=dict)
 
 
-def create_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+def create_train_state(params: Any, tx: optax.GradientTransformation,
+                       extra: Any = None) -> TrainState:
   """Step 0: EMA equals the initial params."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                    extra={} if extra is None else extra)
 
 
 def learning_rate(step, base_lr: float, rampup_images: float, batch_size: int):
