@@ -17,6 +17,9 @@
   # The CPU-scale digits evaluator (classifier Fréchet distance and accuracy):
   python evaluate.py digits --workdir=runs/digits [--num=1000 --sampler=heun --steps=18]
 
+  # bits/dim of a discrete (DDPM/iDDPM) run: the full VLB over all t on a split (test by default):
+  python evaluate.py bpd_vlb --workdir=runs/iddpm_digits [--split=test --num=N --batch=256]
+
 --ref may be statistics (.npz with mu/sigma, ours or EDM's), images (.npz with `images` or a folder)
 or a dataset name (`cifar10`, `digits:test`). KID needs reference features: images, a dataset, or
 statistics written by `ref --features`. --protocol=edm3 is EDM's: FID of three seed sets (0 to N−1,
@@ -64,7 +67,7 @@ _INCEPTION = flags.DEFINE_string('inception', None, 'Path of the FID Inception w
 _PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars.')
 _DEBUG = flags.DEFINE_bool('debug', False, 'Show full tracebacks.')
 
-MODES = ('ref', 'fid', 'digits')
+MODES = ('ref', 'fid', 'digits', 'bpd_vlb')
 
 
 def _sampler_options() -> dict:
@@ -124,6 +127,17 @@ def _digits(runs) -> dict:
     progress=_PROGRESS.value, **_sampler_options())
 
 
+def _bpd_vlb(runs) -> dict:
+  del runs  # the VLB needs no Inception
+  if not _WORKDIR.value:
+    raise ValueError('Pass --workdir=DIR of a train.py run with a discrete (ddpm) model.')
+  from diffjax import likelihood_ddpm
+  split = _SPLIT.value if flags.FLAGS['split'].present else 'test'
+  return likelihood_ddpm.evaluate_bpd(
+    _WORKDIR.value, split=split, num_images=_NUM.value, batch_size=_BATCH.value or 256,
+    step=_STEP.value, progress=_PROGRESS.value, out=_OUT.value)
+
+
 def main(argv):
   cli.quiet_logs()
 
@@ -135,7 +149,7 @@ def main(argv):
                        '`evaluate.py fid --workdir=runs/cifar10 --ref=refs/cifar10-train.npz`.')
     from diffjax.evaluation import runs
     cli.enable_compilation_cache()
-    result = {'ref': _ref, 'fid': _fid, 'digits': _digits}[mode](runs)
+    result = {'ref': _ref, 'fid': _fid, 'digits': _digits, 'bpd_vlb': _bpd_vlb}[mode](runs)
     print(json.dumps(result, indent=2), flush=True)
 
   raise SystemExit(cli.run(run, _DEBUG.value))

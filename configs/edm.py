@@ -56,11 +56,11 @@ def get_config(arg: str | None = None):
     c.optim.lr = 2e-3
     c.optim.lr_rampup_images = 20e3
     c.train.batch_size = 128
-    c.train.total_images = 128 * (2500 if preset == 'digits' else 20)
+    c.train.total_images = 128 * (1200 if preset == 'digits' else 20)
     c.train.ema_halflife_images = 50e3 if preset == 'digits' else 500.0
     c.train.log_every = 50 if preset == 'digits' else 5
     c.train.checkpoint_every = 500 if preset == 'digits' else 10
-    c.train.sample_every = 1000 if preset == 'digits' else 0
+    c.train.sample_every = 400 if preset == 'digits' else 0
     c.train.num_preview = 100 if preset == 'digits' else 8
     c.sample.num_steps = 18 if preset == 'digits' else 4
 

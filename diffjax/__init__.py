@@ -9,6 +9,7 @@
 __version__ = '0.1.0'
 
 from diffjax import losses, precond, registry, samplers, schedules  # noqa: E402,F401
+from diffjax import corruptions, losses_soft  # noqa: E402,F401  (Soft Diffusion parts)
 
 
 def load(workdir, step=None):

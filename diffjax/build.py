@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffjax import losses as losses_lib
+from diffjax import losses_ddpm  # noqa: F401  (registers the 'ddpm' loss and precond)
 from diffjax import precond as precond_lib
 from diffjax import samplers as samplers_lib
 from diffjax.training import state as state_lib
@@ -124,8 +125,12 @@ def sampler_fn(config, precond, sampler: Optional[str] = None, num_steps: Option
 def save_config(config, workdir: str) -> None:
   """Writes config.json into the workdir (what `load` and resumes read back)."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+  path = os.path.join(workdir, CONFIG_FILE)
+  # Written aside and renamed: a run killed mid-write must not leave a truncated config.json.
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
+  os.replace(tmp, path)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -199,6 +204,11 @@ def load(workdir: str, step: Optional[int] = None) -> Run:
   abstract = jax.eval_shape(make_state)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), async_save=False)
   try:
+    # An objective may keep state the config cannot rebuild (a distillation round keeps its
+    # teacher's params in TrainState.extra): restore `extra` as it was saved.
+    saved = checkpointer.saved_structure(step)
+    if isinstance(saved, dict) and saved.get('extra'):
+      abstract = abstract.replace(extra=saved['extra'])
     state, restored_step = checkpointer.restore(abstract, step)
   finally:
     checkpointer.close()

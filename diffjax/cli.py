@@ -41,11 +41,49 @@ def error_message(e: BaseException) -> str:
   return (text.splitlines() or [type(e).__name__])[0]
 
 
+class _OneLineLogs(logging.Filter):
+  """Without --debug: no tracebacks in log records, and Orbax's chatter below ERROR dropped.
+
+  Orbax logs a full traceback when an async save fails; the error itself is reported as one
+  sentence by `run`.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if 'orbax' in record.pathname and record.levelno < logging.ERROR:
+      return False
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def _is_main_process() -> bool:
+  try:
+    import jax
+    return jax.process_index() == 0
+  except Exception:  # noqa: BLE001 - before/without JAX: there is one process.
+    return True
+
+
 def run(main: Callable[[], int | None], debug: bool) -> int:
-  """Runs `main`; user errors become one line on stderr and a non-zero exit code."""
-  from diffjax.training.loop import TrainingDiverged
+  """Runs `main`; user errors become one line on stderr and a non-zero exit code.
+
+  A run stopped by SIGTERM/SIGINT after saving (`TrainingInterrupted`) prints where it resumes and
+  exits 0; a second Ctrl-C (KeyboardInterrupt) exits 130.
+  """
+  from diffjax.training.loop import TrainingDiverged, TrainingInterrupted
+  if not debug:
+    logging.getLogger('absl').addFilter(_OneLineLogs())
   try:
     return int(main() or 0)
+  except TrainingInterrupted as e:
+    if _is_main_process():
+      print(str(e), flush=True)
+    return 0
+  except KeyboardInterrupt:
+    if debug:
+      raise
+    print('error: Interrupted; rerun the same command to resume from the last checkpoint.',
+          file=sys.stderr)
+    return 130
   except TrainingDiverged as e:
     if debug:
       raise

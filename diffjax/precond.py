@@ -106,12 +106,16 @@ class Preconditioning:
     coefficients: σ [...] -> Coefficients.
     sigma_min, sigma_max: the σ range the network was trained on; samplers clamp grids to it.
     round_sigma: σ -> the nearest σ the network can take (identity unless the model is discrete).
+    combine: optional (x [B,H,W,C], F [B,H,W,C_out], σ [B]) -> (D, extra) replacing
+      c_skip·x + c_out·F[..., :C] for networks that predict several quantities at once (e.g. the
+      "both" x/ε parameterization of progressive distillation, `alpha_sigma.combine_both`).
   """
   name: str
   coefficients: Callable[[jax.Array], Coefficients]
   sigma_min: float
   sigma_max: float
   round_sigma: Callable[[jax.Array], jax.Array] = lambda sigma: sigma
+  combine: Optional[Callable] = None
 
 
 def make_edm(sigma_data: float = 0.5, sigma_min: float = 0.0,
@@ -177,7 +181,7 @@ class Denoiser:
   precond: Preconditioning
 
   def raw(self, params, x, sigma, class_labels=None, augment_labels=None, *, train=False,
-          rngs=None):
+          rngs=None, guidance=None):
     """The denoised image and the network's extra output channels.
 
     Args:
@@ -188,6 +192,8 @@ class Denoiser:
       augment_labels: augmentation labels [B, augment_dim], or None.
       train: enables dropout.
       rngs: Flax rngs (e.g. {'dropout': key}) when train is True.
+      guidance: guidance weight w, scalar or [B], for a w-conditioned network (guided
+        distillation); None calls the network without it.
 
     Returns:
       (D [B, H, W, C] float32, extra [B, H, W, C_out − C] float32).
@@ -197,19 +203,24 @@ class Denoiser:
     # Discrete models snap σ only inside c_noise (the coefficient functions do it); c_skip and
     # c_out use σ as given, as in EDM's iDDPM wrapper. Samplers pass grid values anyway.
     c = self.precond.coefficients(sigma)
+    # Only a w-conditioned network takes the guidance weight; every other network is called as before.
+    kwargs = {} if guidance is None else {'guidance': guidance}
     f = self.network.apply({'params': params}, _per_example(c.c_in, x) * x, c.c_noise,
-                           class_labels, augment_labels, train=train, rngs=rngs)
+                           class_labels, augment_labels, train=train, rngs=rngs, **kwargs)
     f = jnp.asarray(f, jnp.float32)
+    if self.precond.combine is not None:
+      return self.precond.combine(x, f, sigma)
     channels = x.shape[-1]
     d = _per_example(c.c_skip, x) * x + _per_example(c.c_out, x) * f[..., :channels]
     return d, f[..., channels:]
 
   def __call__(self, params, x, sigma, class_labels=None, augment_labels=None, *, train=False,
-               rngs=None):
+               rngs=None, guidance=None):
     """D(x; σ) [B, H, W, C]; see `raw` for the arguments."""
-    return self.raw(params, x, sigma, class_labels, augment_labels, train=train, rngs=rngs)[0]
+    return self.raw(params, x, sigma, class_labels, augment_labels, train=train, rngs=rngs,
+                    guidance=guidance)[0]
 
-  def bind(self, params, class_labels=None, augment_labels=None) -> Callable:
+  def bind(self, params, class_labels=None, augment_labels=None, guidance=None) -> Callable:
     """A sampler-ready `denoise_fn(x [B,H,W,C], sigma [B]) -> [B,H,W,C]` in eval mode.
 
     Class labels, if given, are fixed for the batch the function will be called on. Augmentation
@@ -217,6 +228,10 @@ class Denoiser:
     """
 
     def denoise_fn(x, sigma):
-      return self(params, x, sigma, class_labels, augment_labels)
+      return self(params, x, sigma, class_labels, augment_labels, guidance=guidance)
 
+    # `denoise_fn.raw(x, sigma) -> (D, extra)` exposes the extra output channels to samplers that
+    # need them (the learned variance of the DDPM ancestral sampler) without changing the interface.
+    denoise_fn.raw = lambda x, sigma: self.raw(params, x, sigma, class_labels, augment_labels,
+                                               guidance=guidance)
     return denoise_fn

@@ -47,9 +47,11 @@ def make_sample_fn(denoiser: Denoiser, sampler: Callable, shape: Sequence[int],
     shape: (H, W, C) of one image.
     num_classes: > 0 for a class-conditional network.
     guidance: classifier-free guidance weight w: (1 + w)·D(x|c) − w·D(x|∅) with ∅ the all-zero
-      label the network saw under label dropout.
+      label the network saw under label dropout. A w-conditioned network (a guided-distillation
+      student, `guidance_embedding=True`) takes w as an input instead: one evaluation per step.
   """
-  if guidance and not num_classes:
+  w_network = bool(getattr(denoiser.network, 'guidance_embedding', False))
+  if guidance and not num_classes and not w_network:
     raise ValueError('Guidance needs a class-conditional model; this one is unconditional, so '
                      'drop --guidance (or train with conditional labels and label dropout).')
 
@@ -58,7 +60,9 @@ def make_sample_fn(denoiser: Denoiser, sampler: Callable, shape: Sequence[int],
     one_hot = None
     if num_classes:
       one_hot = jax.nn.one_hot(class_labels, num_classes, dtype=jnp.float32)
-    if guidance:
+    if w_network:
+      denoise_fn = denoiser.bind(params, one_hot, guidance=jnp.float32(guidance))
+    elif guidance:
       denoise_fn = samplers_lib.guided_batched(
           lambda x, sigma, labels: denoiser(params, x, sigma, labels), one_hot, guidance)
     else:

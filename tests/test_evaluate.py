@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+from diffjax import build
 from diffjax.evaluation import fid as fidlib
 from diffjax.evaluation import inception
 from diffjax.evaluation import runs
@@ -101,9 +102,7 @@ def test_ref_on_digits_equals_direct_computation(variables, data_dir, digits, tm
     assert {'mu', 'sigma'} <= set(f.files)
     assert f['mu'].shape == (2048,) and f['sigma'].shape == (2048, 2048)
     np.testing.assert_allclose(f['features'], feats, rtol=1e-5, atol=1e-5)
-  loaded = fidlib.load_statistics(out)  # the NVlabs/edm reader path
-  _assert_stats_close(loaded, expected)
-  assert fidlib.fid_from_statistics(loaded, expected) < 1e-3
+  _assert_stats_close(fidlib.load_statistics(out), expected)  # read as NVlabs/edm files are
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -130,7 +129,8 @@ def test_fid_of_images_against_references(variables, digits, tmp_path):
   assert json.loads((tmp_path / 'r.json').read_text())['fid'] == itself['fid']
 
   # A folder of grey PNGs (read as RGB files) against statistics that carry their features (so KID
-  # works): the same pixels give the same features as the 1-channel array.
+  # works): the same pixels give the same features as the 1-channel array. (KID only: each FID
+  # costs two 2048² eigendecompositions and an SVD, seconds to a minute on a busy CPU.)
   other_features = runs.source_features(runs.array_source(other), keep_pool3=True,
                                         batch_size=BATCH, inception_variables=variables)
   other_ref = runs.save_reference(str(tmp_path / 'other_ref.npz'), other_features.stats,
@@ -140,9 +140,9 @@ def test_fid_of_images_against_references(variables, digits, tmp_path):
   folder.mkdir(parents=True)
   for i, image in enumerate(other):
     Image.fromarray(image[..., 0]).save(folder / f'{i:03d}.png')
-  result = runs.evaluate_images(str(tmp_path / 'pngs'), other_ref, metrics='fid,kid',
+  result = runs.evaluate_images(str(tmp_path / 'pngs'), other_ref, metrics='kid',
                                 batch_size=BATCH, inception_variables=variables)
-  assert result['num_images'] == BATCH and abs(result['fid']) < 1e-3 * different['fid']
+  assert result['num_images'] == BATCH and 'fid' not in result
   f = other_features.pool3
   expected_kid = fidlib.kernel_inception_distance(f, f, subset_size=BATCH)
   assert result['kid_mean'] == pytest.approx(expected_kid[0], rel=1e-3, abs=1e-6)
@@ -193,11 +193,16 @@ def test_fid_of_run_with_edm3_protocol(variables, workdir, digits, tmp_path):
   assert json.loads(path.read_text())['sets'] == sets
   assert path.with_suffix('.png').exists()
 
-  # Image k depends on seed k only: the second set alone, in one padded batch, scores the same.
-  alone = runs.evaluate_fid(workdir, ref, seeds='3-5', batch_size=BATCH,
-                            inception_variables=variables, out=str(tmp_path / 'alone.json'))
-  assert alone['fid'] == pytest.approx(sets[1]['fid'], rel=1e-4, abs=1e-4)
-  assert 'sets' not in alone
+
+  # Image k depends on seed k only: seeds 3-5 alone (one padded batch) and as part of 0-5 (split
+  # over two batches, at other positions) give the same features.
+  run = build.load(workdir)
+  alone = runs.generated_features(run, [3, 4, 5], batch_size=BATCH, keep_pool3=True,
+                                  inception_variables=variables)
+  within = runs.generated_features(run, range(6), batch_size=BATCH, keep_pool3=True,
+                                   inception_variables=variables)
+  assert alone.num_images == 3 and within.num_images == 6
+  np.testing.assert_allclose(alone.pool3, within.pool3[3:], rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -16,11 +16,13 @@ from typing import Any, Dict
 import flax.linen as nn
 
 from diffjax import registry
+from diffjax.models.adm_unet import ADM_PRESETS, ADMUNet
 from diffjax.models.embeddings import FourierEmbedding, PositionalEmbedding
 from diffjax.models.layers import Conv2d, GroupNorm, Init, Linear, UNetBlock
 from diffjax.models.song_unet import SongUNet
 
 __all__ = [
+  'ADMUNet',
   'Conv2d',
   'FourierEmbedding',
   'GroupNorm',
@@ -34,6 +36,7 @@ __all__ = [
 ]
 
 registry.add('network', 'song_unet', SongUNet)
+registry.add('network', 'adm_unet', ADMUNet)
 
 # EDM's two CIFAR-10 architectures (train.py --arch=ddpmpp / ncsnpp). EDM turns on the 9-d
 # augmentation label whenever augmentation is on, which it is for every published run; label_dim is
@@ -98,6 +101,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     dropout=0.1,
   ),
 }
+
+PRESETS.update(ADM_PRESETS)  # DDPM, iDDPM and ADM (diffjax.models.adm_unet)
 
 for _name, _preset in PRESETS.items():
   registry.add('network_preset', _name, _preset)

@@ -227,9 +227,9 @@ class Conv2d(nn.Module):
 
   Unfused (the default): upsample → conv, or downsample → conv, where the resampling is a depthwise
   (transposed) conv with `resample_filter_2d(resample_filter)`. `kernel_size=0` gives a parameter-free
-  resampler (the output then has the input's channels). Fused (used by the NCSN++ residual encoder and
-  for the fused upsampling of EDM): the conv and the resampling share their padding, which changes the
-  image border slightly, exactly as in EDM; it only applies when there is a weight.
+  resampler (the output then has the input's channels). Fused (used by the NCSN++ residual encoder):
+  the conv and the resampling share their padding, which changes the image border slightly, exactly
+  as in EDM; it only applies when there is a weight.
 
   Attributes:
     features: output channels (ignored when kernel_size == 0).

@@ -34,6 +34,8 @@ _DECODERS = ('standard', 'skip')
 _INIT = Init('xavier_uniform')
 _INIT_ZERO = Init('xavier_uniform', weight=1e-5)
 _INIT_ATTN = Init('xavier_uniform', weight=math.sqrt(0.2))
+# Guidance weights w ∈ [0, 4] times 250 span the 0…1000 range of DDPM step indices.
+GUIDANCE_EMBEDDING_SCALE = 250.0
 
 
 class SongUNet(nn.Module):
@@ -60,6 +62,9 @@ class SongUNet(nn.Module):
     decoder_type: 'standard' (one output head at full resolution) or 'skip' (an output head per level,
       upsampled and summed).
     resample_filter: taps of the up/down-sampling filter ((1, 1) DDPM++, (1, 3, 3, 1) NCSN++).
+    guidance_embedding: take a guidance weight w (guided distillation, Meng et al. 2022 §4.1): a
+      sinusoidal embedding of w, through a zero-initialized map, is added to the noise embedding,
+      so a student made from a teacher's weights starts as that teacher.
     dtype: compute dtype; parameters stay float32 and the output is float32.
   """
 
@@ -80,6 +85,7 @@ class SongUNet(nn.Module):
   encoder_type: str = 'standard'
   decoder_type: str = 'standard'
   resample_filter: Sequence[int] = (1, 1)
+  guidance_embedding: bool = False
   dtype: Any = jnp.float32
 
   def _check(self, x: Array) -> None:
@@ -111,6 +117,7 @@ class SongUNet(nn.Module):
     augment_labels: Optional[Array],
     batch: int,
     train: bool,
+    guidance: Optional[Array] = None,
   ) -> Array:
     """The conditioning vector [B, model_channels · channel_mult_emb] shared by every block."""
     noise_ch = self.model_channels * self.channel_mult_noise
@@ -153,6 +160,17 @@ class SongUNet(nn.Module):
         augment_labels
       )
 
+    if self.guidance_embedding:
+      # w ∈ [0, 4] scaled to the index range the positional embedding was made for; the map starts
+      # at exactly zero, so the new input is a no-op until the student learns to use it.
+      w = jnp.zeros((batch,), jnp.float32) if guidance is None else guidance
+      w = jnp.broadcast_to(jnp.asarray(w, jnp.float32).reshape(-1), (batch,))
+      w_emb = PositionalEmbedding(noise_ch, endpoint=True, name='map_guidance_pos')(
+        w * GUIDANCE_EMBEDDING_SCALE
+      )
+      emb = emb + Linear(noise_ch, init_spec=Init('xavier_uniform', weight=0.0), dtype=dt,
+                         name='map_guidance')(w_emb.astype(dt))
+
     emb = nn.silu(Linear(emb_ch, init_spec=_INIT, dtype=dt, name='map_layer0')(emb))
     return nn.silu(Linear(emb_ch, init_spec=_INIT, dtype=dt, name='map_layer1')(emb))
 
@@ -164,6 +182,7 @@ class SongUNet(nn.Module):
     class_labels: Optional[Array] = None,
     augment_labels: Optional[Array] = None,
     train: bool = False,
+    guidance: Optional[Array] = None,
   ) -> Array:
     """Applies the network.
 
@@ -175,14 +194,18 @@ class SongUNet(nn.Module):
       augment_labels: [B, augment_dim] augmentation labels; None means no augmentation.
         Ignored when augment_dim == 0.
       train: enables dropout and label dropout (both draw from the 'dropout' rng).
+      guidance: [B] (or scalar) guidance weights w when guidance_embedding is set; None means w = 0.
 
     Returns:
       [B, H, W, out_channels] float32.
     """
     self._check(x)
+    if guidance is not None and not self.guidance_embedding:
+      raise ValueError('This network takes no guidance weight; build it with guidance_embedding=True '
+                       '(a guided-distillation student) or sample it with classifier-free guidance.')
     dt = self.dtype
     batch = x.shape[0]
-    emb = self._embed(noise_labels, class_labels, augment_labels, batch, train)
+    emb = self._embed(noise_labels, class_labels, augment_labels, batch, train, guidance)
     block = lambda feats, name, **kw: UNetBlock(
       feats,
       num_heads=1,

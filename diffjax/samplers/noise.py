@@ -27,6 +27,11 @@ LATENT_STREAM = 0
 CHURN_STREAM = 1
 ANCESTRAL_STREAM = 2
 CORRECTOR_STREAM = 3
+RENOISE_STREAM = 4  # the re-noise step of the N-step stochastic sampler (samplers.distilled)
+SOFT_STREAM = 5  # the step noise η of the Soft Diffusion samplers (samplers.momentum)
+PREDICTOR_STREAM = 6  # the predictor noise of the SDE predictor-corrector sampler (samplers.sde)
+PROBE_STREAM = 7  # Hutchinson–Skilling probes of the PF-ODE likelihood (likelihood)
+DEQUANTIZE_STREAM = 8  # uniform dequantization noise of the PF-ODE likelihood (likelihood)
 
 
 def seed_keys(seeds: Sequence[int] | np.ndarray) -> jax.Array:

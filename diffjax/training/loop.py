@@ -1,9 +1,13 @@
 """The train loop: parts from the config, a jitted sharded step, Orbax checkpoints, logs, previews.
 
 The workdir is the run: rerunning the same command resumes from the newest checkpoint that
-restores, with the same data order and the same per-step randomness (`fold_in(key, step)`), so an
-interrupted run ends where an uninterrupted one would. A non-finite loss stops the run naming the
-step range and keeps the last good checkpoint; SIGTERM/SIGINT save a checkpoint and exit cleanly.
+restores and verifies (see `checkpoint`), with the same data order and the same per-step randomness
+(`fold_in(key, step)`), so an interrupted run ends where an uninterrupted one would — also after a
+hard kill at any moment, mid-save included. A non-finite loss stops the run naming the step range
+and keeps the last good checkpoint; SIGTERM/SIGINT finish the step, save a checkpoint and raise
+`TrainingInterrupted` (the entry point exits 0 saying where the run resumes). Nothing in the workdir
+is written before the run has restored its state and opened its data, so a run that fails to start
+(bad config, missing data, damaged checkpoints) leaves the workdir as it was.
 """
 
 from __future__ import annotations
@@ -34,6 +38,20 @@ class TrainingDiverged(RuntimeError):
   """The loss or a gradient became non-finite."""
 
 
+class TrainingInterrupted(Exception):
+  """SIGTERM/SIGINT stopped the run after saving a checkpoint; rerunning resumes from it.
+
+  Attributes:
+    state: the TrainState at the saved step.
+    step: the step the run resumes from.
+  """
+
+  def __init__(self, message: str, state=None, step: Optional[int] = None):
+    super().__init__(message)
+    self.state = state
+    self.step = step
+
+
 def total_steps(config) -> int:
   """Training length in steps from config.train.total_images (EDM counts images, not steps)."""
   return int(math.ceil(config.train.total_images / config.train.batch_size))
@@ -55,6 +73,10 @@ class _StopFlag:
     return self
 
   def _handle(self, signum, frame):
+    if self.signal is not None:
+      # A second signal while the first is being handled (e.g. Ctrl-C twice): stop at once. The
+      # checkpoints are kill-safe, so this loses at most the steps since the last one.
+      raise KeyboardInterrupt
     self.signal = signal.Signals(signum).name
 
   def __exit__(self, *exc):
@@ -65,11 +87,13 @@ class _StopFlag:
 class _MetricWriter:
   """Scalars to metrics.jsonl and TensorBoard (process 0 only)."""
 
-  def __init__(self, workdir: str, enabled: bool):
+  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
     self.enabled = enabled
     self._tb = None
     if enabled:
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      _trim_metrics(path, start_step)
+      self._jsonl = open(path, 'a')
       try:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
@@ -90,6 +114,32 @@ class _MetricWriter:
       self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
+
+
+def _trim_metrics(path: str, start_step: int) -> None:
+  """Keeps only the rows of metrics.jsonl up to the step the run resumes from.
+
+  An interrupted run logged steps after its last checkpoint (which the resumed run repeats), and a
+  hard kill can leave half a line; both would corrupt the log. Rewritten atomically.
+  """
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:  # A line cut short by a kill.
+      continue
+    if isinstance(row, dict) and int(row.get('step', 0)) <= start_step:
+      keep.append(json.dumps(row) + '\n')
+  if len(keep) == len(lines) and all(a == b for a, b in zip(keep, lines)):
+    return
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
 
 
 def _make_preview(config, denoiser, spec, mesh):
@@ -129,22 +179,30 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
 
   Raises:
     TrainingDiverged: on a non-finite loss or gradient (unless config.train.skip_nonfinite).
+    TrainingInterrupted: after SIGTERM/SIGINT, once the checkpoint to resume from is saved.
+    checkpoint.NoCheckpointError: the workdir has checkpoints but none restores and verifies
+      (the run does not start from scratch over them).
+    checkpoint.CheckpointSaveError: a checkpoint could not be written (e.g. a full disk).
   """
+  with _StopFlag() as stop:  # From the start: a SIGTERM during start-up also exits cleanly.
+    return _train(config, workdir, stop, max_steps=max_steps, progress=progress,
+                  objective=objective, init_params=init_params, denoiser=denoiser)
+
+
+def _train(config, workdir, stop, *, max_steps, progress, objective, init_params, denoiser):
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh()
   batch_size = int(config.train.batch_size)
+  if batch_size <= 0:
+    raise ValueError(f'The batch size must be positive, got {batch_size}; set '
+                     '--config.train.batch_size to a positive multiple of the device count.')
   parallel.check_batch_size(batch_size, mesh)
 
-  from diffjax import data  # TensorFlow loads here, not at import time.
   spec = build.dataset_spec(config)
   denoiser = denoiser or build.build_denoiser(config, spec)
   objective = step_lib.as_objective(objective or build.build_objective(config, spec, denoiser))
   tx = build.build_optimizer(config)
-  if is_main:
-    build.save_config(config, workdir)
 
-  rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   key_init, key_train = jax.random.split(jax.random.key(int(config.seed)))
 
   def make_state():
@@ -154,11 +212,48 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, build.CHECKPOINT_DIR),
                                        max_to_keep=int(config.train.keep_checkpoints))
+  resources = {}
+  try:
+    state = _run(config, workdir, stop, checkpointer, resources, is_main=is_main, mesh=mesh,
+                 spec=spec, denoiser=denoiser, objective=objective, tx=tx,
+                 make_state=make_state, key_train=key_train, max_steps=max_steps,
+                 progress=progress, init_params=init_params)
+  except BaseException:
+    _close(checkpointer, resources, quiet=True)  # Don't mask the error already propagating.
+    raise
+  _close(checkpointer, resources, quiet=False)
+  return state
+
+
+def _close(checkpointer, resources: dict, quiet: bool) -> None:
+  """Closes the progress bar, metric writer and data; waits for, verifies and collects saves."""
+  for name in ('bar', 'writer', 'iterator'):
+    if resources.get(name) is not None:
+      resources[name].close()
+  try:
+    checkpointer.close()
+  except Exception as e:  # noqa: BLE001
+    if not quiet:
+      raise
+    log.warning('Closing the checkpoints failed too: %s', ckpt_lib._first_line(e))
+
+
+def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec, denoiser,
+         objective, tx, make_state, key_train, max_steps, progress, init_params):
+  """The body of `train`: restore, then step, log, save and preview until done or stopped."""
+  batch_size = int(config.train.batch_size)
+  rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  from diffjax import data  # TensorFlow loads here, not at import time.
   if checkpointer.steps():
     abstract = ckpt_lib.abstract_like(jax.eval_shape(make_state), rep)
-    state, start = checkpointer.restore(abstract)
+    # Unusable newer steps are moved aside (to checkpoints/damaged/) so they can be redone.
+    state, start = checkpointer.restore(abstract, move_aside=True)
     if is_main:
-      print(f'Resuming from step {start} of {workdir}.', flush=True)
+      skipped = ''
+      if checkpointer.skipped:
+        skipped = (f' (step(s) {", ".join(map(str, checkpointer.skipped))} could not be used '
+                   f'and were moved to {build.CHECKPOINT_DIR}/{ckpt_lib.DAMAGED_DIR}/)')
+      print(f'Resuming from step {start} of {workdir}{skipped}.', flush=True)
   elif init_params is not None:
     # Given params (e.g. a teacher's) are placed as they are, not baked into a jitted init.
     state = state_lib.create_train_state(init_params(), tx, objective.init_extra())
@@ -177,18 +272,19 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
   jitted_step = jax.jit(train_step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep),
                         donate_argnums=(0,))
   preview = _make_preview(config, denoiser, spec, mesh)
-  iterator = data.make_iterator(
+  iterator = resources['iterator'] = data.make_iterator(
       config.data.name, split='train', global_batch_size=batch_size, seed=int(config.seed),
       start_step=start, data_dir=config.data.data_dir or None, x_flip=bool(config.data.x_flip))
 
-  writer = _MetricWriter(workdir, is_main)
+  # Only now, with the state restored and the data open, is anything written to the workdir.
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    build.save_config(config, workdir)
+  writer = resources['writer'] = _MetricWriter(workdir, is_main, start)
   bar = None
   if progress and is_main:
     from tqdm import tqdm
-    bar = tqdm(total=last, initial=start, unit='step', dynamic_ncols=True)
-
-  def save(step: int, force: bool = False) -> None:
-    checkpointer.save(step, state, force=force)
+    bar = resources['bar'] = tqdm(total=last, initial=start, unit='step', dynamic_ncols=True)
 
   def write_preview(step: int) -> None:
     if preview is None:
@@ -203,58 +299,59 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
   last_good = start
   window = {'loss': [], 'grad_norm': []}
   t_window, n_window = time.time(), 0
-  try:
-    with _StopFlag() as stop:
-      while step < last:
-        batch = parallel.shard_batch(next(iterator), mesh)
-        state, metrics = jitted_step(state, batch, key_train)
-        step += 1
-        # Reading the metrics every step bounds the dispatch queue (multi-device CPU runs deadlock
-        # when many collective steps are queued) and catches a divergence at the exact step.
-        m = jax.device_get(metrics)
-        if not bool(m['finite']):
-          if not config.train.skip_nonfinite:
-            good = checkpointer.latest_step()
-            raise TrainingDiverged(
-                f'The loss or a gradient became non-finite between step {last_good} and step '
-                f'{step}; the last good checkpoint is step {good}. Rerun the same command with a '
-                f'lower learning rate (e.g. --config.optim.lr={o.lr / 2:g}) to resume from it, or '
-                'set --config.train.skip_nonfinite=True to skip such steps.')
-          log.warning('Skipped a non-finite update at step %d.', step)
-        else:
-          last_good = step
-          window['loss'].append(float(m['loss']))
-          window['grad_norm'].append(float(m['grad_norm']))
-        n_window += 1
-        if bar is not None:
-          bar.update(1)
-        if step % config.train.log_every == 0 or step == last:
-          elapsed = max(time.time() - t_window, 1e-9)
-          scalars = {k: float(np.mean(v)) for k, v in window.items() if v}
-          scalars.update(img_per_s=n_window * batch_size / elapsed, lr=float(m.get('lr', 0.0)),
-                         kimg=step * batch_size / 1e3)
-          writer.write(step, scalars)
-          if bar is not None:
-            bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}",
-                            img_s=f"{scalars['img_per_s']:.0f}")
-          window = {'loss': [], 'grad_norm': []}
-          t_window, n_window = time.time(), 0
-        if step % config.train.checkpoint_every == 0 or step == last:
-          save(step)
-        if config.train.sample_every and step % config.train.sample_every == 0 and step != last:
-          write_preview(step)
-        if stop.signal is not None:
-          save(step, force=True)
-          checkpointer.wait()
-          if is_main:
-            print(f'Caught {stop.signal}: saved step {step} to {checkpointer.directory}; rerun the '
-                  'same command to resume from it.', flush=True)
-          return state
-    if step > start or preview is not None:
-      write_preview(step)
-    return state
-  finally:
+  while step < last and stop.signal is None:
+    batch = parallel.shard_batch(next(iterator), mesh)
+    state, metrics = jitted_step(state, batch, key_train)
+    step += 1
+    # Reading the metrics every step bounds the dispatch queue (multi-device CPU runs deadlock
+    # when many collective steps are queued) and catches a divergence at the exact step.
+    m = jax.device_get(metrics)
+    if not bool(m['finite']):
+      if not config.train.skip_nonfinite:
+        checkpointer.wait()  # Name a checkpoint that is committed and verified.
+        good = checkpointer.latest_step()
+        where = (f'the last good checkpoint is step {good}. Rerun the same command with a lower '
+                 f'learning rate (e.g. --config.optim.lr={o.lr / 2:g}) to resume from it'
+                 if good is not None else
+                 'no checkpoint was saved yet. Rerun the same command with a lower learning '
+                 f'rate (e.g. --config.optim.lr={o.lr / 2:g}) to start again')
+        raise TrainingDiverged(
+            f'The loss or a gradient became non-finite between step {last_good} and step '
+            f'{step}; {where}, or set --config.train.skip_nonfinite=True to skip such steps.')
+      log.warning('Skipped a non-finite update at step %d.', step)
+    else:
+      last_good = step
+      window['loss'].append(float(m['loss']))
+      window['grad_norm'].append(float(m['grad_norm']))
+    n_window += 1
     if bar is not None:
-      bar.close()
-    writer.close()
-    checkpointer.close()
+      bar.update(1)
+    if step % config.train.log_every == 0 or step == last:
+      elapsed = max(time.time() - t_window, 1e-9)
+      scalars = {k: float(np.mean(v)) for k, v in window.items() if v}
+      scalars.update(img_per_s=n_window * batch_size / elapsed, lr=float(m.get('lr', 0.0)),
+                     kimg=step * batch_size / 1e3)
+      writer.write(step, scalars)
+      if bar is not None:
+        bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}",
+                        img_s=f"{scalars['img_per_s']:.0f}")
+      window = {'loss': [], 'grad_norm': []}
+      t_window, n_window = time.time(), 0
+    if step % config.train.checkpoint_every == 0 or step == last:
+      checkpointer.save(step, state)
+    if (config.train.sample_every and step % config.train.sample_every == 0 and step != last
+        and stop.signal is None):
+      write_preview(step)
+  if stop.signal is not None:
+    # The step in flight has finished (metrics are read every step); save it and stop.
+    checkpointer.save(step, state)
+    checkpointer.wait()
+    resume = checkpointer.latest_step()
+    raise TrainingInterrupted(
+        f'Caught {stop.signal} at step {step}: saved checkpoint step {resume} in '
+        f'{checkpointer.directory}; rerun the same command to resume from step {resume}.',
+        state=state, step=resume)
+  if step > start or preview is not None:
+    write_preview(step)
+  checkpointer.wait()
+  return state
