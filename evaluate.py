@@ -20,6 +20,11 @@
   # bits/dim of a discrete (DDPM/iDDPM) run: the full VLB over all t on a split (test by default):
   python evaluate.py bpd_vlb --workdir=runs/iddpm_digits [--split=test --num=N --batch=256]
 
+  # bits/dim of a continuous-time (score SDE) run: the probability-flow ODE likelihood with uniform
+  # dequantization and a Hutchinson–Skilling trace, mean ± standard error over a split (test default):
+  python evaluate.py bpd --workdir=runs/sde_digits [--split=test --num=N --batch=128 --repeats=1
+                         --probe=rademacher|gaussian|exact]
+
 --ref may be statistics (.npz with mu/sigma, ours or EDM's), images (.npz with `images` or a folder)
 or a dataset name (`cifar10`, `digits:test`). KID needs reference features: images, a dataset, or
 statistics written by `ref --features`. --protocol=edm3 is EDM's: FID of three seed sets (0 to N−1,
@@ -64,10 +69,14 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest
 _BATCH = flags.DEFINE_integer('batch', None, 'Images per batch over all devices (fid/ref 128, '
                               'digits 500).')
 _INCEPTION = flags.DEFINE_string('inception', None, 'Path of the FID Inception weights (.pth).')
-_PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars.')
+_NO_PROGRESS = flags.DEFINE_bool('no_progress', False, 'Hide progress bars (logs, CI).')
 _DEBUG = flags.DEFINE_bool('debug', False, 'Show full tracebacks.')
+_REPEATS = flags.DEFINE_integer('repeats', 1, 'bpd: passes over the split (fresh dequantization and '
+                                'probes; score_sde uses 5 on the test split).')
+_PROBE = flags.DEFINE_string('probe', 'rademacher', 'bpd: Hutchinson probe rademacher or gaussian, '
+                             'or exact for the exact divergence (small images only).')
 
-MODES = ('ref', 'fid', 'digits', 'bpd_vlb')
+MODES = ('ref', 'fid', 'digits', 'bpd_vlb', 'bpd')
 
 
 def _sampler_options() -> dict:
@@ -86,7 +95,7 @@ def _ref(runs) -> dict:
   stats = runs.reference_statistics(
     _DATASET.value, split=_SPLIT.value, data_dir=_DATA_DIR.value, out=out,
     max_images=_MAX_IMAGES.value, keep_features=_FEATURES.value, batch_size=_BATCH.value or 128,
-    inception_variables=variables, progress=_PROGRESS.value)
+    inception_variables=variables, progress=not _NO_PROGRESS.value)
   return {'out': out, 'dataset': _DATASET.value, 'split': _SPLIT.value, 'num_images': stats.n}
 
 
@@ -97,7 +106,7 @@ def _fid(runs) -> dict:
   # Everything cheap to check is checked before the Inception weights are read or anything sampled.
   runs.check_reference(_REF.value, need_features='kid' in metrics, split=_SPLIT.value)
   common = dict(metrics=metrics, split=_SPLIT.value, data_dir=_DATA_DIR.value, out=_OUT.value,
-                batch_size=_BATCH.value or 128, progress=_PROGRESS.value)
+                batch_size=_BATCH.value or 128, progress=not _NO_PROGRESS.value)
   if _IMAGES.value:
     if _PROTOCOL.value or _SEEDS.value:
       raise ValueError('--protocol and --seeds choose what to sample; they need --workdir, '
@@ -124,7 +133,7 @@ def _digits(runs) -> dict:
     _WORKDIR.value, num_images=1000 if _NUM.value is None else _NUM.value,
     first_seed=_FIRST_SEED.value, sampler=_SAMPLER.value, num_steps=_STEPS.value,
     guidance=_GUIDANCE.value, batch_size=_BATCH.value or 500, step=_STEP.value,
-    progress=_PROGRESS.value, **_sampler_options())
+    progress=not _NO_PROGRESS.value, **_sampler_options())
 
 
 def _bpd_vlb(runs) -> dict:
@@ -135,7 +144,21 @@ def _bpd_vlb(runs) -> dict:
   split = _SPLIT.value if flags.FLAGS['split'].present else 'test'
   return likelihood_ddpm.evaluate_bpd(
     _WORKDIR.value, split=split, num_images=_NUM.value, batch_size=_BATCH.value or 256,
-    step=_STEP.value, progress=_PROGRESS.value, out=_OUT.value)
+    step=_STEP.value, progress=not _NO_PROGRESS.value, out=_OUT.value)
+
+
+def _bpd(runs) -> dict:
+  del runs  # the likelihood needs no Inception
+  if not _WORKDIR.value:
+    raise ValueError('Pass --workdir=DIR of a train.py run with a continuous-time (sde_*) model.')
+  from diffjax.evaluation import bpd
+  split = _SPLIT.value if flags.FLAGS['split'].present else 'test'
+  exact = _PROBE.value == 'exact'
+  return bpd.evaluate_bpd(
+    _WORKDIR.value, split=split, num_examples=_NUM.value, repeats=_REPEATS.value,
+    batch_size=_BATCH.value or 128, divergence='exact' if exact else 'hutchinson',
+    probe='rademacher' if exact else _PROBE.value, step=_STEP.value, data_dir=_DATA_DIR.value,
+    out=_OUT.value, progress=not _NO_PROGRESS.value)
 
 
 def main(argv):
@@ -149,7 +172,8 @@ def main(argv):
                        '`evaluate.py fid --workdir=runs/cifar10 --ref=refs/cifar10-train.npz`.')
     from diffjax.evaluation import runs
     cli.enable_compilation_cache()
-    result = {'ref': _ref, 'fid': _fid, 'digits': _digits, 'bpd_vlb': _bpd_vlb}[mode](runs)
+    result = {'ref': _ref, 'fid': _fid, 'digits': _digits, 'bpd_vlb': _bpd_vlb,
+              'bpd': _bpd}[mode](runs)
     print(json.dumps(result, indent=2), flush=True)
 
   raise SystemExit(cli.run(run, _DEBUG.value))

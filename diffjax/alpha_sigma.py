@@ -65,16 +65,27 @@ def cosine_coefficients(logsnr_min: float = LOGSNR_MIN,
   return CosineSchedule(a, b)
 
 
-def logsnr(t, logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX) -> jax.Array:
-  """λ(t) = −2 log tan(a·t + b), elementwise (PD App. A)."""
+def _angles(t, logsnr_min: float, logsnr_max: float) -> tuple[jax.Array, jax.Array]:
+  """φ = a·t + b and its complement π/2 − φ = a·(1 − t) + c, each computed directly.
+
+  c = π/2 − a − b = arctan(e^(λ_min/2)). Near t = 1, φ is within 5e−5 of π/2, where float32
+  cos φ and tan φ lose three digits; the complement keeps them (sin, cos and 1/tan of a small angle).
+  """
   a, b = cosine_coefficients(logsnr_min, logsnr_max)
-  return -2.0 * jnp.log(jnp.tan(a * jnp.asarray(t, jnp.float32) + b))
+  c = math.atan(math.exp(0.5 * logsnr_min))
+  t = jnp.asarray(t, jnp.float32)
+  return a * t + b, a * (1.0 - t) + c
 
 
 def sigma_of_t(t, logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX) -> jax.Array:
   """The σ-space noise level σ(t) = e^(−λ(t)/2) = tan(a·t + b)."""
-  a, b = cosine_coefficients(logsnr_min, logsnr_max)
-  return jnp.tan(a * jnp.asarray(t, jnp.float32) + b)
+  phi, phi_c = _angles(t, logsnr_min, logsnr_max)
+  return jnp.where(phi < phi_c, jnp.tan(phi), 1.0 / jnp.tan(phi_c))
+
+
+def logsnr(t, logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX) -> jax.Array:
+  """λ(t) = −2 log tan(a·t + b), elementwise (PD App. A)."""
+  return -2.0 * jnp.log(sigma_of_t(t, logsnr_min, logsnr_max))
 
 
 def t_of_sigma(sigma, logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX) -> jax.Array:
@@ -104,9 +115,9 @@ def alpha_sigma_of_sigma(sigma) -> tuple[jax.Array, jax.Array]:
 def alpha_sigma_of_t(t, logsnr_min: float = LOGSNR_MIN,
                      logsnr_max: float = LOGSNR_MAX) -> tuple[jax.Array, jax.Array]:
   """(α_t, σ_t) = (cos φ, sin φ) with φ = a·t + b (the schedule is a rotation by a·t)."""
-  a, b = cosine_coefficients(logsnr_min, logsnr_max)
-  phi = a * jnp.asarray(t, jnp.float32) + b
-  return jnp.cos(phi), jnp.sin(phi)
+  phi, phi_c = _angles(t, logsnr_min, logsnr_max)
+  low = phi < phi_c
+  return jnp.where(low, jnp.cos(phi), jnp.sin(phi_c)), jnp.where(low, jnp.sin(phi), jnp.cos(phi_c))
 
 
 def cosine_logsnr_schedule(logsnr_min: float = LOGSNR_MIN,

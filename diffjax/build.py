@@ -117,7 +117,10 @@ def sampler_fn(config, precond, sampler: Optional[str] = None, num_steps: Option
   fn = samplers_lib.get_sampler(name)
   kwargs = _kwargs(config.sample.get('kwargs')) if name == config.sample.sampler else {}
   kwargs.update(overrides)
-  steps = int(num_steps or config.sample.num_steps)
+  steps = int(config.sample.num_steps if num_steps is None else num_steps)
+  if steps < 1:
+    raise ValueError(f'The number of sampling steps must be at least 1, got {steps}; pass '
+                     '--steps=N with N >= 1 (or leave it out for the config\'s).')
   return lambda denoise_fn, latents, keys: fn(denoise_fn, latents, keys, precond=precond,
                                               num_steps=steps, **kwargs)
 

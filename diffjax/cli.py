@@ -55,6 +55,17 @@ class _OneLineLogs(logging.Filter):
     return True
 
 
+def _one_handler() -> None:
+  """Drops the plain stderr handler that absl's logging adds to the root logger when something
+  logs before absl's own handler is installed (Orbax does, at import), so warnings print once."""
+  from absl import logging as absl_logging
+  root = logging.getLogger()
+  if absl_logging.get_absl_handler() in root.handlers:
+    for handler in list(root.handlers):
+      if type(handler) is logging.StreamHandler:
+        root.removeHandler(handler)
+
+
 def _is_main_process() -> bool:
   try:
     import jax
@@ -70,6 +81,7 @@ def run(main: Callable[[], int | None], debug: bool) -> int:
   exits 0; a second Ctrl-C (KeyboardInterrupt) exits 130.
   """
   from diffjax.training.loop import TrainingDiverged, TrainingInterrupted
+  _one_handler()
   if not debug:
     logging.getLogger('absl').addFilter(_OneLineLogs())
   try:
@@ -131,6 +143,31 @@ def _unknown_override(argv: Sequence[str]) -> str | None:
   return None
 
 
+def _missing_config_file(argv: Sequence[str]) -> str | None:
+  """Names a --config=FILE.py[:ARG] whose file does not exist."""
+  for arg in argv:
+    m = re.match(r'--config=([^:]+)(?::.*)?$', arg)
+    if m and not os.path.isfile(m.group(1)):
+      return (f'Config file {m.group(1)} does not exist; pass --config=configs/FILE.py:PRESET, '
+              'e.g. --config=configs/edm.py:digits.')
+  return None
+
+
+def _bad_value(argv: Sequence[str], message: str) -> str | None:
+  """Rewords absl's `flag --config.a.b=v: <parse error>` to name the type the field wants."""
+  m = re.match(r'flag --config\.([\w.]+)=(.*?): (.*)$', message)
+  if not m:
+    return None
+  field, value, reason = m.groups()
+  node = _load_config_arg(argv)
+  for key in field.split('.'):
+    node = node.get(key) if hasattr(node, 'get') else None
+  wanted = f'a {type(node).__name__}' if node is not None else 'a value of the field\'s type'
+  return (f'Cannot set config field {field} to {value!r} ({reason.rstrip(".")}); pass {wanted}, '
+          f'e.g. --config.{field}={node!r}.' if node is not None else
+          f'Cannot set config field {field} to {value!r} ({reason.rstrip(".")}); pass {wanted}.')
+
+
 def parse_flags(argv: Sequence[str]):
   """absl flag parsing whose errors are one line (config files' tracebacks are cut to their message).
 
@@ -142,11 +179,12 @@ def parse_flags(argv: Sequence[str]):
   except Exception as e:  # noqa: BLE001 - every parse failure becomes one sentence.
     if '--debug' in argv:
       raise
-    message = _unknown_override(argv)
+    message = _missing_config_file(argv) or _unknown_override(argv)
     if message is None:
       lines = [line.strip() for line in str(e).splitlines() if line.strip()]
       message = lines[-1] if lines else type(e).__name__
       # ml_collections embeds the config file's traceback; its last line is `SomeError: message`.
       message = re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', message)
+      message = _bad_value(argv, message) or message
     print(f'error: {message}', file=sys.stderr)
     raise SystemExit(2) from None

@@ -11,9 +11,10 @@ level. Every corruption here is *diagonal in a fixed orthonormal basis* V:
 
 so it is symmetric, cheap to apply, and the Gaussian fits of the level-selection tool stay diagonal:
 
-  * 'blur':     V = the orthonormal 2-D DCT-II per channel over (H, W) (`jax.scipy.fft.dctn(norm=
-                'ortho')`), d[k1, k2] = exp(−π²(k1²/H² + k2²/W²)·ℓ²/2) with ℓ = σ_B(t) the blur std in
-                pixels. The DCT-II diagonalizes the heat equation with reflecting boundaries, so this is a
+  * 'blur':     V = the orthonormal 2-D DCT-II per channel over (H, W) (what `jax.scipy.fft.dctn(
+                norm='ortho')` computes; applied as matmuls, see `to_basis`),
+                d[k1, k2] = exp(−π²(k1²/H² + k2²/W²)·ℓ²/2) with ℓ = σ_B(t) the blur std in pixels.
+                The DCT-II diagonalizes the heat equation with reflecting boundaries, so this is a
                 Gaussian blur of std σ_B with mirrored edges: a delta keeps mass 1 (d[0, 0] = 1) and spreads
                 to spatial std σ_B (for N = H = W this is REFERENCE §5's exp(−π²(k1² + k2²)/N²·σ_B²/2)).
   * 'mask':     V = the pixel basis, d[i, j] = clip(P·(r_ij − ℓ) + 1, 0, 1) with ℓ ∈ [0, 1] the masked
@@ -55,10 +56,11 @@ which d_1·sqrt(μ² + v) ≤ `p1_tol`·σ_1 (outside it μ = v = 0). Without a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,17 +83,35 @@ def basis_of(corruption: str) -> str:
   return _BASIS[corruption]
 
 
+@functools.lru_cache(maxsize=None)
+def dct_matrix(n: int) -> np.ndarray:
+  """The orthonormal DCT-II matrix V [n, n] (float64): V[k, i] = sqrt(2/n)·c_k·cos(π(2i + 1)k/(2n)),
+  c_0 = 1/sqrt(2), c_k = 1 otherwise. V x equals `jax.scipy.fft.dct(x, norm='ortho')`; Vᵀ = V⁻¹."""
+  k, i = np.meshgrid(np.arange(n), np.arange(n), indexing='ij')
+  v = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
+  v[0] /= np.sqrt(2.0)
+  return v
+
+
 def to_basis(x, basis: str):
-  """V x: the coefficients of images x [B, H, W, C] in `basis` (orthonormal DCT-II per channel)."""
+  """V x: the coefficients of images x [..., H, W, C] in `basis` (orthonormal DCT-II per channel).
+
+  The 2-D DCT is applied as two matmuls with `dct_matrix` — the same numbers as
+  `jax.scipy.fft.dctn(x, axes=(-3, -2), norm='ortho')` (tested), but several times faster than the
+  FFT route on CPU for image-sized axes, and MXU work on TPU (at full float32 precision).
+  """
   if basis == 'dct':
-    return jax.scipy.fft.dctn(x, axes=(-3, -2), norm='ortho')
+    vh, vw = (jnp.asarray(dct_matrix(n), jnp.float32) for n in x.shape[-3:-1])
+    return jnp.einsum('kh,lw,...hwc->...klc', vh, vw, x, precision=jax.lax.Precision.HIGHEST)
   return x
 
 
 def from_basis(coefficients, basis: str):
-  """Vᵀ X: images [B, H, W, C] from their coefficients in `basis` (inverse of `to_basis`)."""
+  """Vᵀ X: images [..., H, W, C] from their coefficients in `basis` (inverse of `to_basis`)."""
   if basis == 'dct':
-    return jax.scipy.fft.idctn(coefficients, axes=(-3, -2), norm='ortho')
+    vh, vw = (jnp.asarray(dct_matrix(n), jnp.float32) for n in coefficients.shape[-3:-1])
+    return jnp.einsum('kh,lw,...klc->...hwc', vh, vw, coefficients,
+                      precision=jax.lax.Precision.HIGHEST)
   return coefficients
 
 
@@ -382,14 +402,15 @@ class SoftPreconditioning(Preconditioning):
 def make_soft(corruption: str = 'blur', t: Sequence[float] = (0.0, 1.0),
               level: Sequence[float] = (0.0, 1.0), sigma: Sequence[float] = (0.01, 0.1),
               p1_mean=None, p1_std=None, noise_label_scale: float = 1000.0,
-              **unused: Any) -> SoftPreconditioning:
+              info: Optional[dict] = None) -> SoftPreconditioning:
   """The registered 'soft' preconditioning built from a schedule's lists (config.precond.kwargs).
 
   Args:
     corruption, t, level, sigma, p1_mean, p1_std: the `SoftSchedule` fields.
     noise_label_scale: c_noise = noise_label_scale·t.
-    **unused: other keys of a levels file (e.g. 'info') are accepted and ignored.
+    info: the level-selection tool's notes when a levels file is passed whole (ignored).
   """
+  del info
   schedule = SoftSchedule(corruption, t, level, sigma, p1_mean, p1_std)
   return SoftPreconditioning(
       name='soft', coefficients=lambda s: soft_coefficients(s, noise_label_scale), sigma_min=0.0,

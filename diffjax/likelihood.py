@@ -3,7 +3,7 @@
 The PF-ODE dx/dt = f̃(x, t) (Eq. 13; EDM's σ-space ODE with the SDE's σ(t), s(t)) is a continuous
 normalizing flow, so with the instantaneous change of variables (Chen et al. 2018)
 
-    log p_ε(x_ε) = log p_T(x_T) + ∫_ε^T ∇·f̃(x_t, t) dt                                    (Eq. 39)
+    log p_ε(x_ε) = log p_T(x_T) + ∫_ε^T ∇·f̃(x_t, t) dt                                    (App. D.2)
 
 where x_t solves the ODE from x_ε = x upward to T = 1. The integral is carried as one more state
 variable and both are integrated together by diffrax (adaptive Tsit5 / Dopri5; score_sde uses RK45
@@ -12,7 +12,7 @@ at rtol = atol = 1e-5). The divergence is either
   * exact: the trace of the Jacobian from D forward-mode products with the basis vectors (tests and
     small images; cost ∝ D), or
   * Hutchinson–Skilling: ∇·f̃ ≈ vᵀ(∂f̃/∂x)v with one probe v per sample, fixed along the trajectory,
-    Rademacher (±1) or Gaussian (Eq. 40) — one jvp per evaluation, unbiased.
+    Rademacher (±1) or Gaussian — one jvp per evaluation, unbiased.
 
 Per-sample independence: the divergence products use tangents of the whole batch at once, which is
 exact because a denoiser in eval mode treats samples independently (no batch statistics).
@@ -91,7 +91,7 @@ def log_likelihood(denoise_fn: DenoiseFn, x: jax.Array, *, sde: sde_lib.SDE, key
                    epsilon: float = sde_lib.TRAIN_EPSILON, solver: str = 'tsit5',
                    rtol: float = 1e-5, atol: float = 1e-5,
                    max_steps: int = 4096) -> tuple[jax.Array, dict]:
-  """log p(x) [B] of continuous data under the PF-ODE model (Eq. 39), in nats.
+  """log p(x) [B] of continuous data under the PF-ODE model (App. D.2), in nats.
 
   Args:
     denoise_fn: D(x̃ [B, ...], σ [B]) -> [B, ...]; must treat samples independently.

@@ -119,8 +119,8 @@ def bits_per_dim(denoiser: Denoiser, params, batches: Iterable[dict], *, varianc
     total = None if num_images is None else math.ceil(num_images / batch_size) * num_t
     bar = tqdm(total=total, desc='bits/dim', unit='t', dynamic_ncols=True)
 
-  per_image, sums = [], {'vb': np.zeros(num_t), 'mse': np.zeros(num_t),
-                         'xstart_mse': np.zeros(num_t)}
+  per_image, prior_sum = [], 0.0
+  sums = {'vb': np.zeros(num_t), 'mse': np.zeros(num_t), 'xstart_mse': np.zeros(num_t)}
   count, start = 0, 0
   try:
     for batch in batches:
@@ -140,6 +140,7 @@ def bits_per_dim(denoiser: Denoiser, params, batches: Iterable[dict], *, varianc
       if num_images is not None:  # only the first num_images images of the split count
         take = take & (np.cumsum(take) + count <= num_images)
       total = _gather(prior(x0)).astype(np.float64)
+      prior_sum += float(np.sum(total[take]))
       for t in range(num_t - 1, -1, -1):  # from noise to data, as the reference loop
         out = terms(params, x0, lab, keys, jnp.int32(t))
         out = {k: _gather(v).astype(np.float64) for k, v in out.items()}
@@ -164,7 +165,7 @@ def bits_per_dim(denoiser: Denoiser, params, batches: Iterable[dict], *, varianc
   vb_terms = sums['vb'] / count
   return {
       'bpd': float(np.mean(per_image)),
-      'prior_bpd': float(np.mean(per_image) - np.sum(vb_terms)),
+      'prior_bpd': prior_sum / count,
       'vb_bpd': float(np.sum(vb_terms)),
       'num_images': int(count),
       'num_timesteps': int(num_t),

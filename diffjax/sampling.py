@@ -37,6 +37,15 @@ def parse_seeds(text: str) -> list[int]:
   return seeds
 
 
+def _check_guidance(network, num_classes: int, guidance: float) -> bool:
+  """Raises for guidance on an unconditional model; True for a w-conditioned network."""
+  w_network = bool(getattr(network, 'guidance_embedding', False))
+  if guidance and not num_classes and not w_network:
+    raise ValueError('Guidance needs a class-conditional model; this one is unconditional, so '
+                     'drop --guidance (or train with conditional labels and label dropout).')
+  return w_network
+
+
 def make_sample_fn(denoiser: Denoiser, sampler: Callable, shape: Sequence[int],
                    num_classes: int = 0, guidance: float = 0.0) -> Callable:
   """A pure `sample(params, keys [B], class_labels int [B] | None) -> images [B, *shape]`.
@@ -50,10 +59,7 @@ def make_sample_fn(denoiser: Denoiser, sampler: Callable, shape: Sequence[int],
       label the network saw under label dropout. A w-conditioned network (a guided-distillation
       student, `guidance_embedding=True`) takes w as an input instead: one evaluation per step.
   """
-  w_network = bool(getattr(denoiser.network, 'guidance_embedding', False))
-  if guidance and not num_classes and not w_network:
-    raise ValueError('Guidance needs a class-conditional model; this one is unconditional, so '
-                     'drop --guidance (or train with conditional labels and label dropout).')
+  w_network = _check_guidance(denoiser.network, num_classes, guidance)
 
   def sample(params, keys, class_labels=None):
     latents = samplers_lib.latents(keys, tuple(shape))
@@ -86,8 +92,21 @@ def generate(sample_fn: Callable, params, seeds: Sequence[int], class_labels=Non
   labels = None if class_labels is None else np.asarray(class_labels, np.int32)
   shard = parallel.batch_sharding(mesh)
   rep = parallel.replicated(mesh)
-  jitted = jax.jit(sample_fn, in_shardings=(rep, shard, shard), out_shardings=shard)
-  params = jax.device_put(params, rep)
+  # Multi-host: every process holds all seeds and labels and builds the global arrays from them
+  # (device_put cannot place host data on other processes' devices; keys are made on device from
+  # the seeds' uint32 words, as `seed_keys` does), and every process gets all images back.
+  multihost = jax.process_count() > 1
+
+  def put(x):
+    return jax.make_array_from_callback(x.shape, shard, lambda index: x[index])
+
+  def sample_seeds(params, words, class_labels):
+    return sample_fn(params, jax.vmap(jax.random.key)(words), class_labels)
+
+  jitted = jax.jit(sample_seeds, in_shardings=(rep, shard, shard),
+                   out_shardings=rep if multihost else shard)
+  if not multihost:
+    params = jax.device_put(params, rep)
   out = []
   starts = range(0, len(seeds), batch_size)
   if progress:
@@ -97,12 +116,12 @@ def generate(sample_fn: Callable, params, seeds: Sequence[int], class_labels=Non
     chunk = seeds[start:start + batch_size]
     pad = (-len(chunk)) % n_dev
     padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad)])
-    keys = jax.device_put(samplers_lib.seed_keys(padded), shard)
+    words = put((padded % (1 << 32)).astype(np.uint32))
     lab = None
     if labels is not None:
       lab_chunk = labels[start:start + batch_size]
-      lab = jax.device_put(np.concatenate([lab_chunk, np.repeat(lab_chunk[-1:], pad)]), shard)
-    images = np.asarray(jitted(params, keys, lab))
+      lab = put(np.concatenate([lab_chunk, np.repeat(lab_chunk[-1:], pad)]))
+    images = np.asarray(jitted(params, words, lab))
     out.append(images[:len(chunk)])
   return np.concatenate(out, axis=0)
 
@@ -143,10 +162,15 @@ def sample_run(workdir: str, seeds, *, out: Optional[str] = None, sampler: Optio
   from diffjax import build
   from diffjax import images as images_lib
   seeds = parse_seeds(seeds) if isinstance(seeds, str) else list(seeds)
+  # Options are checked against the run's config before its weights are read.
+  config = build.read_config(workdir)
+  spec = build.dataset_spec(config)
+  _check_guidance(build.build_network(config, spec), build.num_classes(config, spec), guidance)
+  if class_label is not None and not build.num_classes(config, spec):
+    raise ValueError('--class needs a class-conditional model; this one is unconditional.')
+  default_labels(seeds, build.num_classes(config, spec), class_label)
   run = build.load(workdir, step)
   labels = default_labels(seeds, run.num_classes, class_label)
-  if class_label is not None and not run.num_classes:
-    raise ValueError('--class needs a class-conditional model; this one is unconditional.')
   fn = build.sampler_fn(run.config, run.denoiser.precond, sampler, num_steps, **sampler_kwargs)
   shape = (run.spec.resolution, run.spec.resolution, run.spec.channels)
   sample_fn = make_sample_fn(run.denoiser, fn, shape, run.num_classes, guidance)

@@ -5,7 +5,7 @@ Gaussian: x_t = m(t)·x_0 + std(t)·z. Writing s(t) = m(t) and σ(t) = std(t)/m(
 
     x_t = s(t)·(x_0 + σ(t)·n),   n ~ N(0, I),
 
-exactly EDM's form (Karras et al. 2022, Eq. 10 / REFERENCE §1.1). An SDE here is therefore a
+exactly EDM's form (Karras et al. 2022, §2 and App. B; REFERENCE §1.1). An SDE here is therefore a
 `schedules.Schedule` σ(t) plus a `schedules.Scaling` s(t), and every σ-space part applies unchanged:
 the denoiser D(x̃; σ) of x̃ = x/s, the PF-ODE of EDM Eq. 4 (`samplers.ode.ode_derivative`), the
 σ-grid samplers. Conversely, for any linear SDE with drift f(t)·x the marginals satisfy
@@ -16,10 +16,10 @@ which the three families below obey (the tests check it) and which makes their P
 dx = [f − ½g²·∇log p_t]dt (Eq. 13) the EDM ODE.
 
   VP (Eq. 11, DDPM):  β(t) = β_min + t(β_max − β_min), f = −½β(t)x, g = sqrt(β(t)),
-                      log m = −¼t²(β_max − β_min) − ½tβ_min (Eq. 29),
+                      log m = −¼t²(β_max − β_min) − ½tβ_min (App. B),
                       std = sqrt(1 − m²),  σ = sqrt(1/m² − 1) = sqrt(e^(2L) − 1), L = −log m.
-  sub-VP (Eq. 12):    f = −½β(t)x, g² = β(t)(1 − e^(−2β_min t − (β_max − β_min)t²)) = β(t)(1 − m⁴),
-                      std = 1 − m² (Eq. 30),  σ = (1 − m²)/m = 2·sinh(L).
+  sub-VP (§3.4):      f = −½β(t)x, g² = β(t)(1 − e^(−2β_min t − (β_max − β_min)t²)) = β(t)(1 − m⁴),
+                      std = 1 − m² (App. B),  σ = (1 − m²)/m = 2·sinh(L).
   VE (Eq. 9, SMLD):   σ(t) = σ_min(σ_max/σ_min)^t, f = 0, g = σ(t)·sqrt(2 ln(σ_max/σ_min)), s = 1.
 
 Units. diffjax keeps data in [−1, 1]. The VP and sub-VP models of score_sde are trained on centred
@@ -123,7 +123,7 @@ class SDE:
 
   # --- the paper's view. ---------------------------------------------------------------------
   def mean_coeff(self, t):
-    """m(t): E[x_t | x_0] = m(t)·x_0 (Eqs. 29–30)."""
+    """m(t): E[x_t | x_0] = m(t)·x_0 (the perturbation kernels of App. B)."""
     return self.s(t)
 
   def marginal_std(self, t):
@@ -252,7 +252,7 @@ class VPSDE(SDE):
     return self.beta_min + jnp.asarray(t) * (self.beta_max - self.beta_min)
 
   def _log_inv_mean(self, t):
-    """L(t) = −log m(t) = ¼t²(β_max − β_min) + ½tβ_min = ½∫₀ᵗβ (Eq. 29)."""
+    """L(t) = −log m(t) = ¼t²(β_max − β_min) + ½tβ_min = ½∫₀ᵗβ (App. B)."""
     t = jnp.asarray(t)
     return 0.25 * t**2 * (self.beta_max - self.beta_min) + 0.5 * t * self.beta_min
 
@@ -296,7 +296,7 @@ class VPSDE(SDE):
 
 @dataclasses.dataclass(frozen=True)
 class SubVPSDE(VPSDE):
-  """The sub-VP SDE (Eq. 12): the VP drift with g² = β(t)(1 − e^(−2∫₀ᵗβ)); std = 1 − m²."""
+  """The sub-VP SDE (§3.4): the VP drift with g² = β(t)(1 − e^(−2∫₀ᵗβ)); std = 1 − m²."""
 
   name = 'subvp'
 

@@ -8,6 +8,10 @@ and noise ranges, p_1 truncation, sample size), fits a diagonal Gaussian to the 
 corruption's basis, picks the levels whose consecutive corrupted fits are at most ε apart in W2 with ε
 tuned to give config.soft.num_levels levels (`diffjax.corruptions.wasserstein_schedule`), and writes
 config.soft.levels_file (or --out). `configs/soft.py` inlines that file into the run's config.
+It also prints (and stores under info) an audit of the levels: the output variance per coefficient of
+the Momentum and naive samplers, one step per level, driven by the exact model of the data's Gaussian
+fit (1 = the data's variance); a value far below 1 means some step is too coarse (raise sigma_max or
+num_levels).
 """
 
 import os
@@ -33,6 +37,7 @@ def main(argv):
     import numpy as np
 
     from diffjax import corruptions, data
+    from diffjax.samplers import momentum
     config = _CONFIG.value
     if config is None or 'soft' not in config:
       raise ValueError('Pass a Soft Diffusion config: --config=configs/soft.py:PRESET.')
@@ -44,7 +49,13 @@ def main(argv):
         images, s.corruption, num_levels=int(s.num_levels), num_candidates=int(s.num_candidates),
         level_min=float(s.level_min), level_max=float(s.level_max),
         sigma_min=float(s.sigma_min), sigma_max=float(s.sigma_max), p1_tol=float(s.p1_tol))
-    info.update(dataset=config.data.name, corruption=s.corruption)
+    # The audit: what the samplers would return, per coefficient, on the data's Gaussian fit with
+    # its exact model, in one step per level (see samplers.momentum.gaussian_variance_ratio).
+    fit = corruptions.fit_gaussian(images, s.corruption)
+    audit = {method: momentum.gaussian_variance_ratio(fit, schedule, schedule.num_levels - 1, method)
+             for method in momentum.METHODS}
+    info.update(dataset=config.data.name, corruption=s.corruption, gaussian_variance_ratio={
+        method: [float(r.min()), float(r.max())] for method, r in audit.items()})
     path = corruptions.save_schedule(_OUT.value or s.levels_file, schedule, info)
     steps = np.asarray(info['w2_steps'])
     print(f'{config.data.name}: {schedule.num_levels} {s.corruption} levels from '
@@ -52,6 +63,9 @@ def main(argv):
           f'{steps.max():.3g}), p_1 fit block {list(np.shape(schedule.p1_mean))} → {path}')
     print('levels:', ' '.join(f'{v:.3g}' for v in schedule.level))
     print('sigmas:', ' '.join(f'{v:.3g}' for v in schedule.sigma))
+    for method, r in audit.items():
+      print(f'{method} sampler on the Gaussian fit, {schedule.num_levels - 1} steps: output/data '
+            f'variance per coefficient {r.min():.2f}…{r.max():.2f} (1 = exact)')
 
   raise SystemExit(cli.run(run, _DEBUG.value))
 

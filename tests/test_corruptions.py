@@ -8,6 +8,7 @@ Gaussian images whose corrupted laws are exactly the diagonal Gaussians the tool
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,6 +48,16 @@ def test_blur_of_a_centred_delta_has_std_sigma_and_mass_one(sigma_b):
   assert np.unravel_index(np.argmax(y), y.shape) == (n // 2, n // 2)
 
 
+def test_dct_basis_is_the_orthonormal_dct_ii_of_jax_scipy():
+  x = np.random.RandomState(5).randn(2, 7, 6, 3).astype(np.float32)
+  coef = np.asarray(C.to_basis(jnp.asarray(x), 'dct'))
+  np.testing.assert_allclose(coef, np.asarray(jax.scipy.fft.dctn(x, axes=(1, 2), norm='ortho')),
+                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(C.from_basis(jnp.asarray(coef), 'dct')), x, atol=1e-5)
+  v = C.dct_matrix(7)
+  np.testing.assert_allclose(v @ v.T, np.eye(7), atol=1e-12)
+
+
 def test_blur_diagonal_is_the_published_formula():
   n = 8
   d = np.asarray(C.blur_multipliers(jnp.float32(1.7), n, n))
@@ -68,15 +79,15 @@ def test_corruption_operator_is_symmetric(corruption, level):
 def test_schedule_c0_is_identity_and_c_t_matches_level():
   rng = np.random.RandomState(0)
   x = rng.randn(3, 8, 8, 2).astype(np.float32)
+  t = jnp.asarray([0.0, 0.5, 1.0])
   for corruption in ('blur', 'mask'):
     s = C.interpolated_schedule(corruption, level_max=4.0 if corruption == 'blur' else 1.0,
                                 sigma_min=0.01, sigma_max=0.1, num_levels=6)
-    np.testing.assert_allclose(np.asarray(s.corrupt(x, 0.0)), x, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(s.corrupt(x, jnp.zeros(3))), x, atol=1e-5)
-    t = jnp.asarray([0.0, 0.5, 1.0])
+    np.testing.assert_allclose(np.asarray(s.corrupt(x, 0.0)), x, atol=1e-5)  # C_0 = I
     per_example = np.asarray(s.corrupt(x, t))
-    for b in range(3):
-      expected = np.asarray(C.apply(corruption, x[b:b + 1], float(s.level_at(t[b]))))[0]
+    np.testing.assert_allclose(per_example[0], x[0], atol=1e-5)
+    for b in (1, 2):  # each example gets the operator of its own time
+      expected = np.asarray(C.apply(corruption, x, float(s.level_at(t[b]))))[b]
       np.testing.assert_allclose(per_example[b], expected, atol=1e-5)
 
 

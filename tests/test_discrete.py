@@ -16,6 +16,7 @@ import pytest
 from configs import iddpm as iddpm_configs
 from diffjax import discrete, losses_ddpm, precond, registry, schedules
 from diffjax.precond import Denoiser
+from diffjax.samplers import noise
 
 LN2 = math.log(2.0)
 
@@ -110,6 +111,9 @@ def test_ddpm_precond_is_iddpm_grid_with_step_index():
 # The VLB terms on Gaussian data, where everything is exact.
 
 S = 0.5  # data std
+S200 = discrete.make_schedule('cosine', 200)
+# Jitted once: eager evaluation would compile every primitive of the bound separately.
+vb_terms_200 = jax.jit(lambda *args: losses_ddpm.vb_terms_bpd(S200, *args))
 
 
 def _gaussian_setup(schedule, t, n=256, dims=64, seed=0):
@@ -126,12 +130,11 @@ def _gaussian_setup(schedule, t, n=256, dims=64, seed=0):
 
 @pytest.mark.parametrize('t', [1, 37, 199])
 def test_kl_terms_equal_closed_form_float64(t):
-  s = discrete.make_schedule('cosine', 200)
+  s = S200
   y, xt, tt, x0_pred = _gaussian_setup(s, t)
   v = np.tanh(np.random.RandomState(1).randn(*y.shape)).astype(np.float32)
   log_var = discrete.learned_log_variance(s, tt, jnp.asarray(v))
-  vb = np.asarray(losses_ddpm.vb_terms_bpd(s, jnp.asarray(y), jnp.asarray(xt), tt,
-                                           jnp.asarray(x0_pred), log_var))
+  vb = np.asarray(vb_terms_200(y, xt, tt, x0_pred, log_var))
   # The same KL in float64 numpy.
   y64, xt64, x064 = (a.astype(np.float64) for a in (y, xt, x0_pred))
   c1, c2 = s.posterior_mean_coef1[t], s.posterior_mean_coef2[t]
@@ -148,31 +151,30 @@ def test_kl_terms_equal_closed_form_float64(t):
   expected_mean = 0.5 * (-1 + lv_p - lv_q + np.exp(lv_q - lv_p) +
                          c1**2 * S**2 * sigma**2 / (S**2 + sigma**2) * np.exp(-lv_p)) / LN2
   log_var = discrete.model_log_variance(s, tt, 'fixed_large', like=jnp.asarray(y))
-  vb = losses_ddpm.vb_terms_bpd(s, jnp.asarray(y), jnp.asarray(xt), tt, jnp.asarray(x0_pred),
-                                log_var)
+  vb = vb_terms_200(y, xt, tt, x0_pred, log_var)
   np.testing.assert_allclose(float(jnp.mean(vb)), expected_mean, rtol=0.03)
 
 
 def test_decoder_sums_to_one_over_the_256_bins():
   bins = jnp.arange(256, dtype=jnp.float32) / 127.5 - 1.0
+  decoder = jax.jit(losses_ddpm.discretized_gaussian_log_likelihood)
   for mean, log_scale in [(0.0, -3.0), (0.37, -6.5), (-0.99, -2.0), (0.5, 0.5), (1.2, -4.0)]:
-    log_p = losses_ddpm.discretized_gaussian_log_likelihood(bins, mean, log_scale)
+    log_p = decoder(bins, mean, log_scale)
     assert abs(float(jnp.sum(jnp.exp(log_p))) - 1.0) < 2e-6
   # An interior bin is Φ(b) − Φ(a) in float64.
   from scipy.stats import norm
   x, mean, std = bins[140], 0.1, 0.02
   expected = np.log(norm.cdf((x + 1 / 255 - mean) / std) - norm.cdf((x - 1 / 255 - mean) / std))
-  np.testing.assert_allclose(
-      losses_ddpm.discretized_gaussian_log_likelihood(x, mean, np.log(std)), expected, rtol=1e-5)
+  np.testing.assert_allclose(decoder(x, mean, np.log(std)), expected, rtol=1e-5)
 
 
 def test_decoder_term_at_t0_and_prior_term():
-  s = discrete.make_schedule('cosine', 200)
+  s = S200
   y = (np.random.RandomState(0).randint(0, 256, (4, 3, 3, 1)) / 127.5 - 1).astype(np.float32)
   t = np.zeros(4, np.int32)
   log_var = discrete.model_log_variance(s, t, 'fixed_small', like=jnp.asarray(y))
   # A model that predicts x_0 exactly: L_0 is −log2 of the bin mass of N(y, β̃_1) around y.
-  vb = losses_ddpm.vb_terms_bpd(s, jnp.asarray(y), jnp.asarray(y), t, jnp.asarray(y), log_var)
+  vb = vb_terms_200(y, y, t, y, log_var)
   std = math.exp(0.5 * s.posterior_log_variance_clipped[0])
   from scipy.stats import norm
   inner = -np.log2(norm.cdf(1 / 255 / std) - norm.cdf(-1 / 255 / std))
@@ -224,17 +226,21 @@ def test_hybrid_vlb_term_trains_only_the_variance():
   xt = discrete.q_sample(s, y, t, noise)
   f = jnp.asarray(rng.randn(6, 4, 4, 2).astype(np.float32) * 0.3)
   fn = _terms_of_network_output(s, 'hybrid', y, xt, t, noise)
-  vb_part = lambda f: jnp.sum(fn(f)['loss'] - fn(f)['mse'])
-  g = jax.grad(vb_part)(f)
+  fn_vlb = _terms_of_network_output(s, 'vlb', y, xt, t, noise)
+
+  @jax.jit
+  def run(f):
+    vb_part = lambda f: jnp.sum(fn(f)['loss'] - fn(f)['mse'])
+    return (jax.grad(vb_part)(f), fn(f), jax.grad(lambda f: jnp.sum(fn_vlb(f)['loss']))(f),
+            fn_vlb(f))
+
+  g, terms, g_vlb, terms_vlb = run(f)
   assert float(jnp.abs(g[..., :1]).max()) == 0.0  # stop-gradient on the mean
   assert float(jnp.abs(g[..., 1:]).max()) > 0.0
-  terms = fn(f)
   np.testing.assert_allclose(terms['loss'], terms['mse'] + 0.001 * 100 * terms['vb'], rtol=1e-6)
   # Pure L_vlb trains the mean as well, and is T·L_t.
-  fn_vlb = _terms_of_network_output(s, 'vlb', y, xt, t, noise)
-  g = jax.grad(lambda f: jnp.sum(fn_vlb(f)['loss']))(f)
-  assert float(jnp.abs(g[..., :1]).max()) > 0.0
-  np.testing.assert_allclose(fn_vlb(f)['loss'], 100 * fn_vlb(f)['vb'], rtol=1e-6)
+  assert float(jnp.abs(g_vlb[..., :1]).max()) > 0.0
+  np.testing.assert_allclose(terms_vlb['loss'], 100 * terms_vlb['vb'], rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,6 +317,7 @@ def test_loss_history_is_checkpointed_and_resumed(data_dir, tmp_path):
   denoiser = Denoiser(network, build.build_precond(config))
   x, labels = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1, 10))
   params = network.init(jax.random.key(0), x, jnp.zeros(1), labels)['params']
+  params = jax.tree.map(np.asarray, params)  # host copies: the jitted step donates its state
   kwargs = dict(progress=False, denoiser=denoiser, init_params=lambda: params)
   full = loop.train(config, str(tmp_path / 'full'), **kwargs)
   first = loop.train(config, str(tmp_path / 'part'), max_steps=16, **kwargs)
@@ -322,3 +329,33 @@ def test_loss_history_is_checkpointed_and_resumed(data_dir, tmp_path):
   np.testing.assert_allclose(resumed.extra['history'], full.extra['history'], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bits_per_dim_is_the_sum_of_all_terms_and_ignores_batching():
+  from diffjax import likelihood_ddpm
+  p = discrete.make_ddpm('cosine', 10)
+  network = _EpsNet()
+  denoiser = Denoiser(network, p)
+  rng = np.random.RandomState(0)
+  images = (rng.randint(0, 256, (6, 4, 4, 1)) / 127.5 - 1).astype(np.float32)
+  labels = rng.randint(0, 10, 6).astype(np.int32)
+  params = network.init(jax.random.key(0), jnp.asarray(images), jnp.zeros(6),
+                        jax.nn.one_hot(labels, 10))['params']
+  common = dict(variance='learned', num_classes=10)
+  one = likelihood_ddpm.bits_per_dim(denoiser, params, [{'image': images, 'label': labels}],
+                                     batch_size=8, **common)
+  two = likelihood_ddpm.bits_per_dim(
+      denoiser, params, [{'image': images[:4], 'label': labels[:4]},
+                         {'image': images[4:], 'label': labels[4:]}], batch_size=4, **common)
+  np.testing.assert_allclose(one['per_image_bpd'], two['per_image_bpd'], rtol=1e-5)
+  assert one['num_images'] == 6 and one['num_timesteps'] == 10
+  np.testing.assert_allclose(one['bpd'], one['prior_bpd'] + np.sum(one['vb_terms']), rtol=1e-6)
+  # Image 0 by hand: the prior term plus L_t for every t with the noise of fold_in(key_0, t).
+  terms = jax.jit(likelihood_ddpm.vb_terms_fn(denoiser, p.schedule, **common))
+  key0 = noise.seed_keys([0])
+  total = float(losses_ddpm.prior_bpd(p.schedule, jnp.asarray(images[:1]))[0])
+  for t in range(10):
+    total += float(terms(params, jnp.asarray(images[:1]), jnp.asarray(labels[:1]), key0,
+                         jnp.int32(t))['vb'][0])
+  np.testing.assert_allclose(one['per_image_bpd'][0], total, rtol=1e-5)
+  assert one['prior_bpd'] < 0.01  # the cosine schedule ends near N(0, I)

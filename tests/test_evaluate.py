@@ -211,7 +211,9 @@ def test_fid_of_run_with_edm3_protocol(variables, workdir, digits, tmp_path):
 
 def test_cli_bad_inputs(workdir, digits, tmp_path):
   np.savez(tmp_path / 'images.npz', images=digits[:4])
-  env = dict(os.environ, HOME=str(tmp_path), DIFFJAX_INCEPTION_WEIGHTS='')
+  # No Inception weights anywhere the search looks, even on a machine that has them.
+  env = dict(os.environ, HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / 'cache'),
+             TORCH_HOME=str(tmp_path / 'torch'), DIFFJAX_INCEPTION_WEIGHTS='')
   cases = [
     (['nope'], 'Unknown mode'),
     (['fid', f'--images={tmp_path / "images.npz"}', f'--ref={tmp_path / "missing.npz"}'],

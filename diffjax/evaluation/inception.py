@@ -498,7 +498,13 @@ def load_inception_params(path: str | os.PathLike | None = None) -> dict[str, An
   Returns:
     {'params', 'batch_stats'} for `InceptionV3`.
   """
-  return inception_params_from_state_dict(load_pth(find_inception_weights(path)))
+  path = find_inception_weights(path)
+  try:
+    return inception_params_from_state_dict(load_pth(path))
+  except (ValueError, KeyError) as e:  # A damaged or foreign file: say what the right one is.
+    reason = str(e.args[0] if isinstance(e, KeyError) and e.args else e).rstrip('.')
+    raise ValueError(f'{reason}; it is not the FID Inception weights: pass --inception=PATH of '
+                     f'{INCEPTION_FILENAME} (from {INCEPTION_URL}).') from e
 
 
 def _sha256(path: str) -> str:

@@ -62,6 +62,19 @@ def _inits(style: str) -> tuple[Init, Init]:
   return Init('xavier_uniform'), Init('xavier_uniform', weight=1e-10)
 
 
+def timestep_embedding(t: Array, num_channels: int, style: str = 'adm') -> Array:
+  """The sinusoidal timestep embedding [B] -> [B, num_channels] float32 of a style.
+
+  'adm' (improved/guided-diffusion): [cos(t·ω_i), sin(t·ω_i)], ω_i = 10000^(−i/half).
+  'ddpm' (Ho et al.'s get_timestep_embedding; diffusers with flip_sin_to_cos=False, freq_shift=1):
+  [sin(t·ω_i), cos(t·ω_i)], ω_i = 10000^(−i/(half − 1)).
+  """
+  if style == 'adm':
+    return positional_embedding(t, num_channels, endpoint=False)
+  emb = positional_embedding(t, num_channels, endpoint=True)
+  return jnp.concatenate(jnp.split(emb, 2, axis=-1)[::-1], axis=-1)
+
+
 class ResampleConv(nn.Module):
   """conv3×3 with 2× down- (stride 2) or upsampling (nearest, then the conv); NHWC.
 
@@ -168,12 +181,7 @@ class ADMUNet(nn.Module):
     dt = self.dtype
     emb_ch = self.model_channels * self.channel_mult_emb
     noise_labels = jnp.broadcast_to(jnp.asarray(noise_labels, jnp.float32).reshape(-1), (batch,))
-    if self.embedding == 'adm':
-      emb = positional_embedding(noise_labels, self.model_channels, endpoint=False)
-    else:  # Ho et al.: [sin, cos] with frequencies 10000^(−i/(half − 1)).
-      emb = positional_embedding(noise_labels, self.model_channels, endpoint=True)
-      emb = jnp.concatenate(jnp.split(emb, 2, axis=-1)[::-1], axis=-1)
-    emb = emb.astype(dt)
+    emb = timestep_embedding(noise_labels, self.model_channels, self.embedding).astype(dt)
     if self.augment_dim:
       if augment_labels is None:
         augment_labels = jnp.zeros((batch, self.augment_dim), jnp.float32)

@@ -4,19 +4,19 @@ Both talk to the model only through `denoise_fn(x̃, σ)`; the SDE (`diffjax.sde
 drift and diffusion, and the score in the SDE's scaled coordinates x = s·x̃ is
 ∇_x log p_t(x) = (D(x/s; σ) − x/s)/(s·σ²).
 
-Predictor-corrector (Algorithms 2–3 of App. G, `predictor_corrector`). Times t_i = 1 + i/(N−1)(ε − 1)
+Predictor-corrector (§4.2; Algorithms 2–3 of App. G, `predictor_corrector`). Times t_i = 1 + i/(N−1)(ε − 1)
 for i < N, then t_N = 0; σ_N = 0 and s_N = 1 (the data). With N = 1000 and ε = 1e-3 every step is
 exactly −1/N, as in score_sde. Each step i runs the corrector at t_i, then the predictor t_i → t_{i+1}:
 
   predictors
     euler_maruyama:     x_mean = x − [f(x, t_i) − g(t_i)²·score]·Δt,   x = x_mean + g(t_i)·sqrt(Δt)·z
                         (Eq. 6 reversed, Δt = t_i − t_{i+1})
-    reverse_diffusion:  x_mean = x − f_i + G_i²·score,   x = x_mean + G_i·z                     (Eq. 45)
+    reverse_diffusion:  x_mean = x − f_i + G_i²·score,   x = x_mean + G_i·z                     (App. E)
                         with the forward step x_i = a·x_{i+1} + G_i·z, f_i = (a − 1)x of
                         `diffjax.sde.transition`: DDPM's for VP, SMLD's for VE.
     ancestral:          x̃ = x/s_i, D = D(x̃; σ_i), the posterior q(x̃_{i+1} | x̃_i, x̃_0 = D):
                         x_mean = s_{i+1}[D + (σ_{i+1}/σ_i)²(x̃ − D)],
-                        x = x_mean + s_{i+1}·σ_{i+1}·sqrt(1 − σ_{i+1}²/σ_i²)·z                (Eqs. 46–47)
+                        x = x_mean + s_{i+1}·σ_{i+1}·sqrt(1 − σ_{i+1}²/σ_i²)·z                (App. F)
                         (ancestral_variance='transition' uses G_i instead: score_sde's VP choice)
     none
   correctors
@@ -108,7 +108,8 @@ def predictor_corrector(denoise_fn: DenoiseFn, latents: jax.Array, keys, *, sde:
     n_corrector_steps: corrector steps per predictor step (unrolled; keep it small).
     epsilon: the last time t_{N−1}; None uses the SDE's (1e-3 VP / sub-VP, 1e-5 VE).
     denoise: return the last predictor's noise-free mean (True) or its noisy state.
-    ancestral_variance: 'posterior' (σ̃², Eq. 47) or 'transition' (G², score_sde's VP ancestral).
+    ancestral_variance: 'posterior' (the posterior's σ̃²) or 'transition' (G², score_sde's VP
+      ancestral step).
 
   Returns:
     Samples [B, ...] in data space (s_N = 1). NFE = N·(1 + n_corrector_steps) (the 'none' parts
@@ -202,21 +203,26 @@ def solve_ode(vector_field: Callable, y0, t0: float, t1: float, *, solver: str =
     solver: 'tsit5' or 'dopri5' (5th order, embedded 4th-order error estimate; 6 new evaluations
       per step).
     rtol, atol: tolerances; the error norm is the largest per-sample RMS of the scaled error.
-    max_steps: diffrax fails past this many steps.
+    max_steps: the solve fails past this many steps.
 
   Returns:
-    (y1, stats) with stats = {'num_steps', 'num_accepted_steps', 'num_rejected_steps'}.
+    (y1, stats) with stats = {'num_steps', 'num_accepted_steps', 'num_rejected_steps', 'success'};
+    y1 is NaN when the solve failed.
   """
   import diffrax
   _check('adaptive ODE solver', solver, ('tsit5', 'dopri5'))
   term = diffrax.ODETerm(lambda t, y, args: vector_field(t, y))
   method = diffrax.Tsit5() if solver == 'tsit5' else diffrax.Dopri5()
   controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=_max_sample_rms)
+  # throw=False: diffrax's error check is a host callback that would gather a sharded state onto
+  # one device; a failed solve (e.g. past max_steps) returns NaN instead, which callers report.
   sol = diffrax.diffeqsolve(term, method, t0=t0, t1=t1, dt0=None, y0=y0,
                             stepsize_controller=controller, max_steps=max_steps,
-                            saveat=diffrax.SaveAt(t1=True))
-  y1 = jax.tree.map(lambda leaf: leaf[0], sol.ys)
+                            saveat=diffrax.SaveAt(t1=True), throw=False)
+  ok = sol.result == diffrax.RESULTS.successful
+  y1 = jax.tree.map(lambda leaf: jnp.where(ok, leaf[0], jnp.nan), sol.ys)
   stats = {k: sol.stats[k] for k in ('num_steps', 'num_accepted_steps', 'num_rejected_steps')}
+  stats['success'] = ok
   return y1, stats
 
 
@@ -237,7 +243,7 @@ def probability_flow(denoise_fn: DenoiseFn, latents: jax.Array, keys=None, *, sd
     rtol, atol: tolerances of the adaptive solvers (score_sde: 1e-5 both).
     epsilon: the last time; None uses the SDE's sampling ε.
     denoise: finish with D(x/s(ε); σ(ε)) (one more evaluation), the posterior mean at ε.
-    max_steps: adaptive solvers fail past this many steps.
+    max_steps: adaptive solvers give up (returning NaN) past this many steps.
     return_stats: also return {'num_steps', ...} (adaptive) / {'num_steps'} (fixed).
 
   Returns:

@@ -1,32 +1,35 @@
 """Orbax checkpoints of the train state that cannot lie: fingerprinted, verified, never lost.
 
-A thin layer over `orbax.checkpoint.CheckpointManager` (async saves, keep-N) that adds what Orbax
-lacks (measured with Orbax 0.12: a damaged latest step raises on restore, and flipped bytes restore
+A thin layer over `orbax.checkpoint.CheckpointManager` (async saves) that adds what Orbax lacks
+(measured with Orbax 0.12: a damaged latest step raises on restore, and flipped bytes restore
 *silently* with wrong values):
 
-* **Fingerprints.** Every step is saved as two Orbax items committed together (one atomic rename
-  of the step directory): `state`, the pytree, and `integrity`, a JSON record of a 64-bit
-  fingerprint per array. Fingerprints are computed on device by one jitted integer reduction over
-  each array's bits (a few elementwise ops per element; no extra host copy). The reduction is a
-  sum modulo 2^32 of a bijective mix of (value bits, position), so it does not depend on how the
-  array is sharded or in which order the devices reduce, and any change of a single element
-  always changes it.
+* **Fingerprints.** A save first copies the (replicated) state to host memory once — Orbax would
+  copy it anyway, and handing it host arrays is also far cheaper than letting it slice device
+  arrays — and hashes that copy: a 64-bit fingerprint per array, a sum modulo 2^32 of a bijective
+  mix of each element's bits and position, so it is deterministic, independent of sharding, and
+  changes whenever any single element does. The step is saved as two Orbax items committed
+  together by one atomic rename of the step directory: `state`, the arrays, and `integrity`, a JSON
+  record of their fingerprints.
 * **Verified restore.** A step is used only if it restores *and* its arrays match its fingerprints.
   Otherwise one warning line names it and the next older step is tried. A training run moves the
-  unusable newer steps aside into `damaged/` (kept for inspection, out of Orbax's way: Orbax refuses
-  to save a step number at or below its latest one). If no step is usable, `NoCheckpointError`
-  says so instead of letting a run start from scratch over them.
-* **Verified before anything is deleted.** Orbax's own keep-N collection is off: it would delete
-  good old steps as soon as a newer one is *committed*, even if that one later proves unreadable.
-  Here each committed step is read back and checked against its fingerprints (at the next save or
-  at `wait()`/`close()`), and an older step is deleted only when a newer verified step is kept.
+  unusable newer steps aside into `damaged/` (kept for inspection, and out of Orbax's way: it
+  refuses to save a step number at or below its latest one). If no step is usable,
+  `NoCheckpointError` says so, instead of a run starting from scratch over them.
+* **Verified before anything is deleted.** Orbax's own keep-N collection is off: it deletes old
+  steps as soon as a newer one is *committed*, even if that one later proves unreadable. Here old
+  steps are deleted only while one of the newest `max_to_keep` is verified — read back and checked
+  against its fingerprints (done when a deletion needs it, and for the step a run stops at).
   Deletion renames the step into `.trash/` first (atomic), so a kill mid-delete never leaves a
-  half-deleted step where a restore could pick it.
-* **Kill-safe.** A hard kill leaves at worst an uncommitted `*.orbax-checkpoint-tmp-*` directory
-  (ignored by restore, removed before the next save) or a `.trash/` entry (removed likewise).
+  half-deleted step where a restore could pick it up.
+* **Kill-safe.** A hard kill at any moment leaves at worst an uncommitted
+  `<step>.orbax-checkpoint-tmp-*` directory (never restored; removed before the next save) or a
+  `.trash/` entry (removed likewise); committed steps are only ever renamed, never rewritten.
 
-Only process 0 renames and deletes; every process takes part in saving, restoring and verifying
-(Orbax and the fingerprint reduction are collective), and their verdicts are combined so all agree.
+Multi-host: only process 0 writes the (replicated) arrays, renames and deletes; every process takes
+part in Orbax's save/restore barriers and verifies what it read, and the verdicts are combined so
+all processes take the same branch. The state must be fully replicated (data parallelism); an
+FSDP-sharded state would need device-side saving and fingerprints.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -69,48 +71,55 @@ class IntegrityError(ValueError):
 # ------------------------------------------------------------------------------------------------
 
 
-def _fmix32(h):
-  """MurmurHash3's 32-bit finalizer: a bijection of uint32 that mixes every input bit."""
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
-  return h ^ (h >> 16)
+_CHUNK = 1 << 22  # elements hashed at a time: bounds the temporaries for very large arrays
 
 
-def _words(x) -> jax.Array:
+def _fmix32(h: np.ndarray) -> np.ndarray:
+  """MurmurHash3's 32-bit finalizer, in place: a bijection of uint32 that mixes every input bit."""
+  h ^= h >> np.uint32(16)
+  h *= np.uint32(0x85EBCA6B)
+  h ^= h >> np.uint32(13)
+  h *= np.uint32(0xC2B2AE35)
+  h ^= h >> np.uint32(16)
+  return h
+
+
+def _words(x: np.ndarray) -> np.ndarray:
   """The bits of an array as a flat uint32 vector (one word per element, two for 8-byte dtypes)."""
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if x.dtype == jnp.bool_:
-    return x.reshape(-1).astype(jnp.uint32)
-  size = jnp.dtype(x.dtype).itemsize
-  if size == 4:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+  x = np.ascontiguousarray(x).reshape(-1)
+  if x.dtype == np.bool_:
+    return x.astype(np.uint32)
+  size = x.dtype.itemsize
   if size in (1, 2):
-    unsigned = jnp.uint8 if size == 1 else jnp.uint16
-    return jax.lax.bitcast_convert_type(x, unsigned).reshape(-1).astype(jnp.uint32)
-  if size == 8:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    return x.view(np.uint8 if size == 1 else np.uint16).astype(np.uint32)
+  if size in (4, 8):
+    return x.view(np.uint32)
   raise TypeError(f'Cannot fingerprint arrays of dtype {x.dtype}.')
 
 
-def _leaf_fingerprint(x) -> jax.Array:
-  """uint32 [2]: two sums mod 2^32 of per-element mixes of (bits, position)."""
-  w = _words(x)
-  i = jnp.arange(w.shape[0], dtype=jnp.uint32)
-  # For a fixed position each term is a bijection of the element's bits, so changing one element
-  # always changes the sum; integer addition makes the result independent of reduction order.
-  a = jnp.sum(_fmix32(w ^ _fmix32(i * jnp.uint32(2) + jnp.uint32(1))), dtype=jnp.uint32)
-  b = jnp.sum(_fmix32(w + _fmix32(i * jnp.uint32(2) + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
-  return jnp.stack([a ^ jnp.uint32(w.shape[0] % 2**32), b])
+def array_fingerprint(x) -> str:
+  """64-bit fingerprint of one array's values (16 hex digits).
+
+  Two sums mod 2^32 over elements k of fmix32(w_k ^ fmix32(2k+1)) and fmix32(w_k + fmix32(2k+c)),
+  with w_k the element's bits: for a fixed position each term is a bijection of the bits, so any
+  change of one element changes both sums; integer sums don't depend on summation order.
+  """
+  w = _words(np.asarray(x))
+  a = b = np.uint32(0)
+  with np.errstate(over='ignore'):
+    for lo in range(0, max(len(w), 1), _CHUNK):
+      chunk = w[lo:lo + _CHUNK]
+      pos = np.arange(lo, lo + len(chunk), dtype=np.uint32) * np.uint32(2)
+      a += np.sum(_fmix32(chunk ^ _fmix32(pos + np.uint32(1))), dtype=np.uint32)
+      b += np.sum(_fmix32(chunk + _fmix32(pos + np.uint32(0x9E3779B9))), dtype=np.uint32)
+    a ^= np.uint32(len(w) % 2**32)
+  return f'{int(a):08x}{int(b):08x}'
 
 
-@jax.jit
-def _fingerprint_leaves(leaves):
-  if not leaves:
-    return jnp.zeros((0, 2), jnp.uint32)
-  return jnp.stack([_leaf_fingerprint(x) for x in leaves])
+def fingerprints(host_tree: Any) -> Dict[str, str]:
+  """Per-array fingerprints of a pytree of host arrays: {'params/Conv_0/kernel': 16 hex digits}."""
+  return {name: array_fingerprint(x)
+          for name, x in zip(_leaf_names(host_tree), jax.tree.leaves(host_tree))}
 
 
 def _key_name(key) -> str:
@@ -124,16 +133,6 @@ def _leaf_names(tree) -> List[str]:
   """'params/Conv_0/kernel'-style paths: the same whether a level is a dataclass, dict or list."""
   return ['/'.join(_key_name(k) for k in path)
           for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def fingerprints(tree: Any) -> Dict[str, str]:
-  """Per-array fingerprints of a pytree: {key path: 16 hex digits}.
-
-  Deterministic, and the same for the same values however they are sharded or placed.
-  """
-  leaves = jax.tree.leaves(tree)
-  words = np.asarray(jax.device_get(_fingerprint_leaves(leaves)))
-  return {name: f'{int(w[0]):08x}{int(w[1]):08x}' for name, w in zip(_leaf_names(tree), words)}
 
 
 def _mismatches(expected: Dict[str, str], actual: Dict[str, str]) -> List[str]:
@@ -161,7 +160,7 @@ def _barrier(name: str) -> None:
 
 
 def _first_line(e: BaseException) -> str:
-  text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(':')
   return text if len(text) <= 200 else text[:197] + '...'
 
 
@@ -175,33 +174,37 @@ class Checkpointer:
 
   Args:
     directory: where step folders are written (created by the first save).
-    max_to_keep: how many recent steps to keep (older ones go only once a newer one is verified).
+    max_to_keep: how many recent steps to keep (an older one goes only once a newer one is
+      verified).
     async_save: write in a background thread (the step loop goes on).
   """
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.max_to_keep = max(1, int(max_to_keep))
+    self.skipped: list[int] = []  # unusable steps passed over by the last restore()
     self._async = async_save
     self._manager = None
     self._verified: set[int] = set()   # steps read back (or restored) and matched here
-    self._pending: list[tuple[int, Any]] = []  # committed or in-flight, not yet verified
+    self._pending: list[tuple[int, Any]] = []  # (step, abstract host tree) not yet verified
     self._cleaned = False
-    self.skipped: list[int] = []  # unusable steps passed over by the last restore()
+    self._failed = False
     self._is_main = jax.process_index() == 0
 
   # -- Orbax ------------------------------------------------------------------------------------
 
   def _get_manager(self, create: bool = False):
     if self._manager is None:
-      if not os.path.isdir(self.directory):
-        if not create:
-          return None
+      if create:
+        # Every process passes the barrier (whether or not it saw the directory missing: process
+        # 0 may already have made it), and none goes on before it exists.
         if self._is_main:
           os.makedirs(self.directory, exist_ok=True)
         _barrier('diffjax_checkpoint_mkdir')
+      elif not os.path.isdir(self.directory):
+        return None
       # Explicit item handlers: a damaged step (an item directory gone) must not break the
-      # manager for every other step. max_to_keep=None: deletion is ours (after verification).
+      # manager for the other steps. max_to_keep=None: deletion is ours, after verification.
       self._manager = ocp.CheckpointManager(
           self.directory,
           item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
@@ -238,16 +241,18 @@ class Checkpointer:
   def save(self, step: int, tree: Any, force: bool = False) -> bool:
     """Starts saving `tree` as `step`; returns False if that step exists already.
 
-    Waits for the previous save to commit, verifies it and collects old steps first.
+    First waits for the previous save to commit, verifies it and collects old steps.
 
     Raises:
-      CheckpointSaveError: the step (or the previous one) could not be written.
+      CheckpointSaveError: this step (or the previous one) could not be written.
     """
     del force  # Every call saves (the loop decides when); kept for callers of the old API.
-    # Fingerprinted before Orbax sees the arrays (the loop blocks every step, so this waits for
-    # nothing); a failure here is a bug, not an I/O error, so it is not reworded below.
-    record = {'format': INTEGRITY_FORMAT, 'step': int(step), 'fingerprints': fingerprints(tree)}
-    abstract = abstract_like(tree, keep_sharding=True)
+    if self._failed:
+      raise CheckpointSaveError('An earlier checkpoint save failed; see the error above.')
+    # One device-to-host copy, fingerprinted and handed to Orbax as is. Outside the try below: a
+    # failure here is not an I/O error.
+    host = jax.device_get(tree)
+    record = {'format': INTEGRITY_FORMAT, 'step': int(step), 'fingerprints': fingerprints(host)}
     try:
       manager = self._get_manager(create=True)
       if not self._cleaned:
@@ -257,94 +262,92 @@ class Checkpointer:
       if step in self.steps():
         return False
       saved = manager.save(step, force=True, args=ocp.args.Composite(**{
-          STATE_ITEM: ocp.args.StandardSave(tree), INTEGRITY_ITEM: ocp.args.JsonSave(record)}))
+          STATE_ITEM: ocp.args.StandardSave(host), INTEGRITY_ITEM: ocp.args.JsonSave(record)}))
     except CheckpointSaveError:
       raise
     except Exception as e:  # Orbax wraps I/O errors in many types; all mean "not written".
       raise self._save_error(step, e) from e
     if saved:
-      self._pending.append((step, abstract))
+      self._pending.append((step, jax.tree.map(_host_abstract, host)))
     return bool(saved)
 
   def _save_error(self, step: int, e: BaseException) -> CheckpointSaveError:
+    self._failed = True
+    self._pending = []
     good = sorted(self._verified)
-    where = (f'the last verified checkpoint is step {good[-1]}' if good else
+    where = (f'the newest verified checkpoint is step {good[-1]}' if good else
              'no checkpoint of this run was verified yet')
     return CheckpointSaveError(
         f'Could not write checkpoint step {step} to {self.directory} ({_first_line(e)}); {where}. '
         'Free disk space or fix the permissions, then rerun the same command to resume.')
 
   def wait(self) -> None:
-    """Blocks until pending saves are committed, then verifies them and collects old steps.
+    """Blocks until pending saves are committed, verifies the newest and collects old steps.
 
     Raises:
       CheckpointSaveError: a pending save failed.
     """
-    try:
-      self._settle()
-    except CheckpointSaveError:
-      raise
-    except Exception as e:  # An async write that failed surfaces here.
-      step = self._pending[-1][0] if self._pending else -1
-      self._pending = []
-      raise self._save_error(step, e) from e
+    if not self._failed:
+      self._settle(final=True)
 
-  def _settle(self) -> None:
+  def _settle(self, final: bool = False) -> None:
+    """Waits for the save in flight; verifies what must be verified; deletes what may go.
+
+    Verifying means reading a step back, so it is done when needed rather than after every save:
+    when old steps are due for deletion and none of the steps that stay is verified (then the
+    newest is read back), and at the end (`final`: the step a run stops at is checked at once).
+    """
     if self._manager is None:
       return
     try:
       self._manager.wait_until_finished()
-    except Exception as e:
-      step = self._pending[-1][0] if self._pending else -1
-      self._pending = []
-      raise self._save_error(step, e) from e
+    except Exception as e:  # An async write that failed surfaces here.
+      raise self._save_error(self._pending[-1][0] if self._pending else -1, e) from e
     if not self._pending:
       return
-    # Every process must see the same committed steps before verifying (a collective).
+    # Every process must see the same committed steps before reading any (a collective).
     _barrier('diffjax_checkpoint_settle')
     pending, self._pending = self._pending, []
-    committed = set(self.steps())
-    for step, abstract in pending:
-      if step not in committed:
-        log.warning('Checkpoint step %d was not committed to %s.', step, self.directory)
-        continue
-      try:
-        self._restore_verified(step, abstract)
-      except Exception as e:  # noqa: BLE001 - any failure means the step can't be trusted.
-        log.warning('Checkpoint step %d in %s failed verification right after saving (%s); it is '
-                    'moved to %s/ and older checkpoints are kept.', step, self.directory,
-                    _first_line(e), DAMAGED_DIR)
-        self._move_aside([step])
-        continue
-      self._verified.add(step)
+    steps = self.steps()
+    keep = steps[-self.max_to_keep:]
+    if final or (len(steps) > len(keep) and not self._verified.intersection(keep)):
+      for step, abstract in reversed(pending):  # The newest committed one that verifies.
+        if step not in steps:
+          log.warning('Checkpoint step %d was not committed to %s.', step, self.directory)
+          continue
+        try:
+          self._read_verified(step, abstract)
+        except Exception as e:  # noqa: BLE001 - any failure means the step can't be trusted.
+          log.warning('Checkpoint step %d in %s failed verification right after saving (%s); it '
+                      'is moved to %s/ and older checkpoints are kept.', step, self.directory,
+                      _first_line(e), DAMAGED_DIR)
+          self._move_aside([step])
+          continue
+        self._verified.add(step)
+        break
     self._collect_garbage()
 
   def _collect_garbage(self) -> None:
-    """Keeps the newest `max_to_keep` steps, and every step newer than the newest verified one.
+    """Deletes all but the newest `max_to_keep` steps — only if one of those is verified.
 
-    A step is deleted only if a newer *verified* step stays, so a new step that turns out to be
-    unreadable never costs the last good one. Process 0 decides and deletes; the others wait.
+    So a new step that turns out to be unreadable never costs the last good one. Process 0
+    deletes; the others wait.
     """
     if self._is_main:
       steps = self.steps()
-      verified = [s for s in steps if s in self._verified]
-      newest_good = verified[-1] if verified else None
-      doomed = []
-      if newest_good is not None:
-        keep = set(steps[-self.max_to_keep:]) | {s for s in steps if s >= newest_good}
-        doomed = [s for s in steps if s not in keep]
-      if doomed:
-        trash = os.path.join(self.directory, TRASH_DIR)
-        os.makedirs(trash, exist_ok=True)
+      keep = steps[-self.max_to_keep:]
+      doomed = steps[:-len(keep)] if self._verified.intersection(keep) else []
+      trash = os.path.join(self.directory, TRASH_DIR)
       for s in doomed:
+        os.makedirs(trash, exist_ok=True)
         # Rename first (atomic): a kill mid-delete must never leave a half-deleted step that a
-        # restore could pick.
+        # restore could pick up.
         target = os.path.join(trash, f'{s}-{os.getpid()}-{time.time_ns()}')
         os.rename(self._step_dir(s), target)
         shutil.rmtree(target, ignore_errors=True)
       if doomed:
         try:
-          os.rmdir(os.path.join(self.directory, TRASH_DIR))
+          os.rmdir(trash)
         except OSError:  # Not empty: a removal failed; the next run's first save retries.
           pass
     _barrier('diffjax_checkpoint_gc')
@@ -356,8 +359,7 @@ class Checkpointer:
       damaged = os.path.join(self.directory, DAMAGED_DIR)
       os.makedirs(damaged, exist_ok=True)
       for s in steps:
-        target = os.path.join(damaged, str(s))
-        n = 1
+        target, n = os.path.join(damaged, str(s)), 1
         while os.path.exists(target):
           target, n = os.path.join(damaged, f'{s}.{n}'), n + 1
         if os.path.isdir(self._step_dir(s)):
@@ -368,37 +370,45 @@ class Checkpointer:
 
   # -- Restoring --------------------------------------------------------------------------------
 
-  def _restore_verified(self, step: int, abstract_tree: Any) -> Any:
-    """Restores `step` and checks it against its fingerprints (raises if either fails)."""
+  def _read_verified(self, step: int, abstract_tree: Any) -> Any:
+    """Reads `step` into host memory and checks it against its fingerprints (raises if not).
+
+    Every process reads and checks; the step counts as good only if it is good everywhere.
+    """
     manager = self._get_manager()
-    ok, error, tree = True, None, None
+    ok, error, host = True, None, None
     try:
+      # Host arrays as targets: Orbax restores numpy arrays (np.empty touches no memory).
+      target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract_tree)
       restored = manager.restore(step, args=ocp.args.Composite(**{
-          STATE_ITEM: ocp.args.StandardRestore(abstract_tree),
-          INTEGRITY_ITEM: ocp.args.JsonRestore()}))
-      tree, record = restored[STATE_ITEM], restored[INTEGRITY_ITEM]
-      if not isinstance(record, dict) or 'fingerprints' not in record:
+          STATE_ITEM: ocp.args.StandardRestore(target), INTEGRITY_ITEM: ocp.args.JsonRestore()}))
+      host, record = restored[STATE_ITEM], restored[INTEGRITY_ITEM]
+      if not isinstance(record, dict) or not isinstance(record.get('fingerprints'), dict):
         raise IntegrityError('its integrity record is missing or unreadable')
-      bad = _mismatches(record['fingerprints'], fingerprints(tree))
+      bad = _mismatches(record['fingerprints'], fingerprints(host))
       if bad:
-        more = f' and {len(bad) - 1} more' if len(bad) > 1 else ''
-        raise IntegrityError(f'the data of {bad[0]}{more} does not match the '
-                             'fingerprints recorded when it was saved')
+        more = f' (and {len(bad) - 1} more arrays)' if len(bad) > 1 else ''
+        raise IntegrityError(f'the data of {bad[0]}{more} does not match the fingerprint '
+                             'recorded when it was saved')
     except Exception as e:  # noqa: BLE001 - reported by the caller.
       ok, error = False, e
     if not _all_agree(ok):
-      raise error or IntegrityError('another process could not restore it')
-    return tree
+      raise error or IntegrityError('another process could not read or verify it')
+    return host
 
   def restore(self, abstract_tree: Any, step: Optional[int] = None,
               move_aside: bool = False) -> Tuple[Any, int]:
     """Restores `step`, or the newest step that restores and verifies, onto `abstract_tree`.
 
     Args:
-      abstract_tree: ShapeDtypeStructs (with shardings) of the tree to restore.
+      abstract_tree: ShapeDtypeStructs of the tree to restore; leaves with a sharding are placed
+        with it, the others on the default device.
       step: a specific step; None: the newest usable one.
       move_aside: move unusable steps newer than the restored one into damaged/ (a training run
         does this so it can save those step numbers again; readers leave the directory as is).
+
+    Returns:
+      (tree, step).
 
     Raises:
       NoCheckpointError: when no step restores and verifies.
@@ -407,14 +417,14 @@ class Checkpointer:
     if step is not None and step not in steps:
       known = ', '.join(map(str, steps)) or 'none'
       raise NoCheckpointError(f'There is no checkpoint step {step} in {self.directory} (steps: '
-                              f'{known}); pass one of them, or omit the step for the newest.')
+                              f'{known}); pass one of them, or no step for the newest.')
     candidates = [step] if step is not None else list(reversed(steps))
     if not candidates:
       raise NoCheckpointError(f'No checkpoint in {self.directory}; train first (train.py).')
     failed = self.skipped = []
     for i, s in enumerate(candidates):
       try:
-        tree = self._restore_verified(s, abstract_tree)
+        host = self._read_verified(s, abstract_tree)
       except Exception as e:  # noqa: BLE001 - damaged steps are skipped, not fatal.
         older = 'trying an older one' if i + 1 < len(candidates) else 'no older one is left'
         log.warning('Skipping checkpoint step %d in %s: %s; %s.', s, self.directory,
@@ -424,7 +434,7 @@ class Checkpointer:
       if failed and move_aside:
         self._move_aside(failed)
       self._verified.add(s)
-      return tree, s
+      return jax.tree.map(_place, host, abstract_tree), s
     listed = ', '.join(map(str, failed))
     raise NoCheckpointError(
         f'No checkpoint in {self.directory} could be restored (tried step(s) {listed}): they are '
@@ -455,8 +465,24 @@ class Checkpointer:
       self.wait()
     finally:
       if self._manager is not None:
-        self._manager.close()
-        self._manager = None
+        manager, self._manager = self._manager, None
+        try:
+          manager.close()
+        except Exception:  # noqa: BLE001 - a failed save was reported already.
+          if not self._failed:
+            raise
+
+
+def _host_abstract(x) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+
+
+def _place(host: np.ndarray, abstract) -> jax.Array:
+  """A host array on the abstract leaf's sharding (every process holds the full value)."""
+  sharding = getattr(abstract, 'sharding', None)
+  if sharding is None:
+    return jax.device_put(host)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def abstract_like(tree: Any, sharding=None, keep_sharding: bool = False) -> Any:

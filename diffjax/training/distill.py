@@ -550,14 +550,15 @@ def sample_images(run, seeds, labels, *, sampler: str, num_steps: int, guidance:
 
 
 def evaluate_digits(workdir: str, *, num_images: int = 1000, guidance: Optional[float] = None,
-                    teacher_steps: Optional[int] = None, batch_size: int = 500,
+                    teacher_steps: Optional[list[int]] = None, batch_size: int = 500,
                     stages: Optional[list[str]] = None) -> list[dict]:
   """Scores every finished stage of a digits distillation with the digits evaluator.
 
-  Teacher: DDIM with `teacher_steps` (default: config.distill.start_steps) and classifier-free
-  guidance (2 evaluations per step); stage 1: DDIM with start_steps; each round of N steps:
-  deterministic DDIM with N evaluations and, when trained with the stochastic grid, the stochastic
-  sampler with 2N evaluations. Writes WORKDIR/eval/summary.json and one sample grid per entry.
+  Teacher: DDIM with classifier-free guidance (2 evaluations per step) at each of `teacher_steps`
+  (default: its config's sample.num_steps, then start_steps halved down to 1 — the undistilled
+  baseline); stage 1: DDIM with start_steps; each round of N steps: deterministic DDIM with N
+  evaluations and, when trained with the stochastic grid, the stochastic sampler with 2N
+  evaluations. Writes WORKDIR/eval/summary_w<w>.json and one sample grid per entry.
 
   Returns:
     One dict per (stage, sampler): stage, sampler, num_steps, nfe, fd, accuracy, confidence.
@@ -580,9 +581,15 @@ def evaluate_digits(workdir: str, *, num_images: int = 1000, guidance: Optional[
       continue
     run_ = build.load(stage.workdir)
     jobs = []
-    if stage.kind in ('teacher', 'stage1'):
-      n = int(teacher_steps or d.start_steps)
-      jobs.append(('distill_ddim', n, (2 if stage.kind == 'teacher' else 1) * n))
+    if stage.kind == 'teacher':
+      steps = teacher_steps
+      if steps is None:
+        steps = [int(run_.config.sample.num_steps)] + [
+            int(d.start_steps) >> k for k in range(int(np.log2(d.start_steps)) + 1)]
+      for n in dict.fromkeys(steps):
+        jobs.append(('distill_ddim', int(n), 2 * int(n) if w else int(n)))
+    elif stage.kind == 'stage1':
+      jobs.append(('distill_ddim', int(d.start_steps), int(d.start_steps)))
     elif stage.kind == 'round':
       jobs.append(('distill_ddim', stage.num_steps, stage.num_steps))
       if d.stochastic_grid:

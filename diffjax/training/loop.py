@@ -189,8 +189,21 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
                   objective=objective, init_params=init_params, denoiser=denoiser)
 
 
+def _unwritable(workdir: str, e: OSError) -> OSError:
+  return OSError(f'Cannot write to {workdir} ({e.strerror or e}); pass a --workdir on a writable '
+                 'disk with free space.')
+
+
+def _lower_lr(lr: float) -> str:
+  """A learning rate to suggest after a divergence."""
+  return f'{lr / 2:g}' if math.isfinite(lr) and lr > 0 else '1e-4'
+
+
 def _train(config, workdir, stop, *, max_steps, progress, objective, init_params, denoiser):
   is_main = jax.process_index() == 0
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'--workdir {workdir} is a file, not a directory; pass a directory (new or '
+                     'of an earlier run).')
   mesh = parallel.make_mesh()
   batch_size = int(config.train.batch_size)
   if batch_size <= 0:
@@ -254,12 +267,19 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
         skipped = (f' (step(s) {", ".join(map(str, checkpointer.skipped))} could not be used '
                    f'and were moved to {build.CHECKPOINT_DIR}/{ckpt_lib.DAMAGED_DIR}/)')
       print(f'Resuming from step {start} of {workdir}{skipped}.', flush=True)
-  elif init_params is not None:
-    # Given params (e.g. a teacher's) are placed as they are, not baked into a jitted init.
-    state = state_lib.create_train_state(init_params(), tx, objective.init_extra())
-    state, start = jax.device_put(state, rep), 0
   else:
-    state, start = jax.jit(make_state, out_shardings=rep)(), 0
+    state, start = None, 0
+  # The data is opened before a fresh state is compiled: a dataset that is not prepared should
+  # fail in a second, not after minutes of compilation.
+  iterator = resources['iterator'] = data.make_iterator(
+      config.data.name, split='train', global_batch_size=batch_size, seed=int(config.seed),
+      start_step=start, data_dir=config.data.data_dir or None, x_flip=bool(config.data.x_flip))
+  if state is None and init_params is not None:
+    # Given params (e.g. a teacher's) are placed as they are, not baked into a jitted init.
+    state = jax.device_put(state_lib.create_train_state(init_params(), tx,
+                                                        objective.init_extra()), rep)
+  elif state is None:
+    state = jax.jit(make_state, out_shardings=rep)()
 
   last = total_steps(config) if max_steps is None else min(max_steps, total_steps(config))
   o = config.optim
@@ -272,15 +292,27 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
   jitted_step = jax.jit(train_step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep),
                         donate_argnums=(0,))
   preview = _make_preview(config, denoiser, spec, mesh)
-  iterator = resources['iterator'] = data.make_iterator(
-      config.data.name, split='train', global_batch_size=batch_size, seed=int(config.seed),
-      start_step=start, data_dir=config.data.data_dir or None, x_flip=bool(config.data.x_flip))
 
-  # Only now, with the state restored and the data open, is anything written to the workdir.
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    build.save_config(config, workdir)
-  writer = resources['writer'] = _MetricWriter(workdir, is_main, start)
+  # Only now, with the state restored and the data open, is anything written to the workdir;
+  # config.json only with this run's first checkpoint (a run that diverges or fails before it
+  # leaves the previous config.json, which describes the checkpoints there).
+  try:
+    if is_main:
+      os.makedirs(workdir, exist_ok=True)
+    writer = resources['writer'] = _MetricWriter(workdir, is_main, start)
+  except OSError as e:
+    raise _unwritable(workdir, e) from e
+  config_saved = False
+
+  def save(step: int) -> None:
+    nonlocal config_saved
+    if is_main and not config_saved:
+      try:
+        build.save_config(config, workdir)
+      except OSError as e:
+        raise _unwritable(workdir, e) from e
+    config_saved = True
+    checkpointer.save(step, state)
   bar = None
   if progress and is_main:
     from tqdm import tqdm
@@ -311,10 +343,10 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
         checkpointer.wait()  # Name a checkpoint that is committed and verified.
         good = checkpointer.latest_step()
         where = (f'the last good checkpoint is step {good}. Rerun the same command with a lower '
-                 f'learning rate (e.g. --config.optim.lr={o.lr / 2:g}) to resume from it'
+                 f'learning rate (e.g. --config.optim.lr={_lower_lr(o.lr)}) to resume from it'
                  if good is not None else
                  'no checkpoint was saved yet. Rerun the same command with a lower learning '
-                 f'rate (e.g. --config.optim.lr={o.lr / 2:g}) to start again')
+                 f'rate (e.g. --config.optim.lr={_lower_lr(o.lr)}) to start again')
         raise TrainingDiverged(
             f'The loss or a gradient became non-finite between step {last_good} and step '
             f'{step}; {where}, or set --config.train.skip_nonfinite=True to skip such steps.')
@@ -338,13 +370,13 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
       window = {'loss': [], 'grad_norm': []}
       t_window, n_window = time.time(), 0
     if step % config.train.checkpoint_every == 0 or step == last:
-      checkpointer.save(step, state)
+      save(step)
     if (config.train.sample_every and step % config.train.sample_every == 0 and step != last
         and stop.signal is None):
       write_preview(step)
   if stop.signal is not None:
     # The step in flight has finished (metrics are read every step); save it and stop.
-    checkpointer.save(step, state)
+    save(step)
     checkpointer.wait()
     resume = checkpointer.latest_step()
     raise TrainingInterrupted(

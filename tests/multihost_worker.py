@@ -1,0 +1,117 @@
+"""One process of the two-process training run in test_multihost.py (a helper, not a test).
+
+Joins a 2-process JAX cluster over loopback (gloo CPU collectives, 2 fake devices per process),
+trains the `tiny` config for --first_steps steps, then calls the train loop again so that it
+restores that checkpoint and trains on to --steps. It records, for the test to check:
+
+* the batches its input pipeline gave it (labels and pixel sums, with start step and process
+  index), to compare with the single-process global batches;
+* every file-system write it made under the workdir (Python-level opens for writing, renames,
+  deletions), to check that only process 0 writes the run's files;
+* its final parameters.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument('--process_id', type=int, required=True)
+  p.add_argument('--num_processes', type=int, default=2)
+  p.add_argument('--port', type=int, required=True)
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--out', required=True)
+  p.add_argument('--steps', type=int, default=4)
+  p.add_argument('--first_steps', type=int, default=2)
+  p.add_argument('--dump_after', type=float, default=0, help='dump all stacks after N s (hangs)')
+  args = p.parse_args()
+  if args.dump_after:
+    import faulthandler
+    faulthandler.dump_traceback_later(args.dump_after, exit=False)
+  sys.path.insert(0, ROOT)
+
+  import jax
+  jax.config.update('jax_num_cpu_devices', 2)
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  from diffjax import cli
+  from diffjax.training import parallel
+  cli.enable_compilation_cache()  # $DIFFJAX_CACHE, as train.py does
+  parallel.initialize_distributed(f'127.0.0.1:{args.port}', args.num_processes, args.process_id)
+
+  import numpy as np
+
+  from diffjax import data
+  real_make_iterator = data.make_iterator
+  batches = []
+
+  class Recording:
+    def __init__(self, iterator, start_step):
+      self._it, self._step = iterator, start_step
+
+    def __next__(self):
+      batch = next(self._it)
+      batches.append({'step': self._step, 'process_index': jax.process_index(),
+                      'labels': np.asarray(batch['label']).tolist(),
+                      'pixel_sum': float(np.asarray(batch['image'], np.float64).sum())})
+      self._step += 1
+      return batch
+
+    def close(self):
+      self._it.close()
+
+  def make_iterator(*a, **k):
+    return Recording(real_make_iterator(*a, **k), k.get('start_step', 0))
+
+  data.make_iterator = make_iterator
+
+  workdir = os.path.abspath(args.workdir)
+  writes = []
+
+  def audit(event, event_args):
+    if event == 'open':
+      path, mode, flags = event_args
+      writing = (isinstance(mode, str) and any(c in mode for c in 'wax+')) or (
+          mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+      paths = [path] if writing else []
+    elif event in ('os.rename', 'os.replace'):
+      paths = list(event_args[:2])
+    elif event in ('os.remove', 'os.rmdir', 'os.mkdir', 'shutil.rmtree'):
+      paths = [event_args[0]]
+    else:
+      return
+    for path in paths:
+      if isinstance(path, (str, bytes, os.PathLike)):
+        path = os.path.abspath(os.fsdecode(path))
+        if path.startswith(workdir + os.sep):
+          writes.append(os.path.relpath(path, workdir))
+
+  sys.addaudithook(audit)
+
+  from configs import edm
+  from diffjax.training import loop
+  c = edm.get_config('tiny')
+  c.train.batch_size = 8
+  c.train.total_images = 8 * args.steps
+  c.train.checkpoint_every = args.first_steps
+  c.train.log_every = 1
+  c.train.num_preview = 4
+  c.sample.num_steps = 2
+  loop.train(c, workdir, max_steps=args.first_steps, progress=False)
+  state = loop.train(c, workdir, progress=False)  # restores the checkpoint, trains on
+  params = {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
+  os.makedirs(args.out, exist_ok=True)
+  np.savez(os.path.join(args.out, f'params_{args.process_id}.npz'), **params)
+  with open(os.path.join(args.out, f'process_{args.process_id}.json'), 'w') as f:
+    json.dump({'process_index': jax.process_index(), 'process_count': jax.process_count(),
+               'local_devices': jax.local_device_count(), 'devices': jax.device_count(),
+               'step': int(state.step), 'batches': batches, 'writes': writes}, f)
+
+
+if __name__ == '__main__':
+  main()
