@@ -35,7 +35,7 @@ Presets:
 Options:
   cond / uncond             class-conditional or not
   blur / mask / identity    the corruption (identity = VE diffusion with the soft samplers)
-  unweighted                Soft Score Matching with w(t) = 1 instead of 1/σ_t² (losses_soft)
+  eps_weighted              Soft Score Matching with w(t) = 1/σ_t² instead of 1 (losses_soft)
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import ml_collections
 from configs import common
 
 PRESETS = ('celeba64', 'cifar10', 'digits')
-OPTIONS = ('cond', 'uncond', 'blur', 'mask', 'identity', 'unweighted')
+OPTIONS = ('cond', 'uncond', 'blur', 'mask', 'identity', 'eps_weighted')
 LEVELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'soft_levels')
 
 # Level-selection settings (config.soft) per preset for blur; level = σ_B in pixels.
@@ -125,7 +125,7 @@ def get_config(arg: str | None = None):
   c.precond = ml_collections.ConfigDict({'name': 'soft', 'kwargs': {
       **schedule, 'noise_label_scale': 1000.0}})
   c.loss = ml_collections.ConfigDict({'name': 'soft', 'kwargs': {
-      'weighting': 'none' if 'unweighted' in options else 'eps', 't_min': 0.0}})
+      'weighting': 'eps' if 'eps_weighted' in options else 'none', 't_min': 0.0}})
 
   c.sample.sampler = 'momentum'
   c.sample.num_steps = len(schedule['t']) - 1  # one step per level: the sampler lands on the knots

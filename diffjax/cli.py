@@ -104,12 +104,22 @@ def run(main: Callable[[], int | None], debug: bool) -> int:
   except USER_ERRORS as e:
     if debug:
       raise
-    print(f'error: {error_message(e)}', file=sys.stderr)
+    message = error_message(e)
+    if 'failure to load' in message or 'Failed loading config file' in message:
+      # ml_collections reports a config file that failed to load only when it is first used, and
+      # without the reason: find it.
+      message = _config_load_error(sys.argv) or message
+    print(f'error: {message}', file=sys.stderr)
     return 2
 
 
-def _load_config_arg(argv: Sequence[str]):
-  """The config named by --config=FILE.py[:ARG] in argv, or None if it can't be loaded."""
+def _load_config_arg(argv: Sequence[str], errors: list | None = None):
+  """The config named by --config=FILE.py[:ARG] in argv, or None if it can't be loaded.
+
+  Args:
+    argv: the command line.
+    errors: if given, the exception that stopped the load is appended to it.
+  """
   import importlib.util
   for arg in argv:
     m = re.match(r'--config=([^:]+)(?::(.*))?$', arg)
@@ -119,8 +129,21 @@ def _load_config_arg(argv: Sequence[str]):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module.get_config(m.group(2)) if m.group(2) is not None else module.get_config()
-      except Exception:  # noqa: BLE001 - only used to improve an error message.
+      except Exception as e:  # noqa: BLE001 - only used to improve an error message.
+        if errors is not None:
+          errors.append(e)
         return None
+  return None
+
+
+def _config_load_error(argv: Sequence[str]) -> str | None:
+  """Why the --config file could not be loaded, in one sentence (None if it loads)."""
+  missing = _missing_config_file(argv)
+  if missing:
+    return missing
+  errors = []
+  if _load_config_arg(argv, errors) is None and errors:
+    return f'Cannot load the --config file: {error_message(errors[0])}'
   return None
 
 
@@ -162,7 +185,9 @@ def _bad_value(argv: Sequence[str], message: str) -> str | None:
   node = _load_config_arg(argv)
   for key in field.split('.'):
     node = node.get(key) if hasattr(node, 'get') else None
-  wanted = f'a {type(node).__name__}' if node is not None else 'a value of the field\'s type'
+  name = type(node).__name__
+  wanted = f'{"an" if name[0] in "aeiou" else "a"} {name}' if node is not None else (
+      'a value of the field\'s type')
   return (f'Cannot set config field {field} to {value!r} ({reason.rstrip(".")}); pass {wanted}, '
           f'e.g. --config.{field}={node!r}.' if node is not None else
           f'Cannot set config field {field} to {value!r} ({reason.rstrip(".")}); pass {wanted}.')

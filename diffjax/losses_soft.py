@@ -15,11 +15,17 @@ so Soft Score Matching with weight w(t) is denoising score matching with λ(t) =
 minimizer at every t is C_t x̂_0 = E[C_t x_0 | x_t] whatever w(t) is; the weighting only balances the
 times. The paper's exact weighting was not retrieved (REFERENCE §5), so ours is a documented choice:
 
-  * 'eps' (default): w(t) = 1/σ_t², i.e. λ(t) = σ_t², the weighting of Song et al. (2021) and of
-    EDM's VP/VE losses. Then w‖C_t(x̂_0 − x_0)‖² = ‖ε̂ − η‖² with ε̂ = (x_t − C_t x̂_0)/σ_t: a unit-scale
-    noise-prediction error at every t, so no time dominates — with σ_t ranging over a decade
-    (0.01 → 0.1) an unweighted loss would give the noisiest times 100× the weight of the cleanest.
-  * 'none': w(t) = 1, the loss exactly as written in the paper's objective (λ = σ_t⁴).
+  * 'none' (default): w(t) = 1, the loss as the paper writes its objective (λ = σ_t⁴). It is also
+    what EDM's rule λ·c_out² = 1 gives for this parameterization: the network's output enters
+    x̂_0 = x_t + φ_θ with c_out = 1, so w = 1 puts unit weight on the error of φ_θ (seen through C_t)
+    at every t, and training effort is not pulled towards the least noisy times.
+  * 'eps': w(t) = 1/σ_t², i.e. λ(t) = σ_t², the weighting of Song et al. (2021) and of EDM's VP/VE
+    losses. Then w‖C_t(x̂_0 − x_0)‖² = ‖ε̂ − η‖² with ε̂ = (x_t − C_t x̂_0)/σ_t, a unit-scale
+    noise-prediction error — natural for a network that outputs ε (c_out ∝ σ), but with the residual
+    parameterization it weights the error of φ_θ by 1/σ_t², up to 2500× more at σ = 0.01 than at
+    σ = 0.5. On the digits (600 steps, configs/soft.py) it trained a model whose Momentum-Sampler
+    samples scored FD 55 / accuracy 0.69, against FD … with 'none' (see the digits note in
+    configs/soft.py).
 
 As in `diffjax.losses`, the squared error is summed over pixels per example and averaged over the
 batch. Augmentation (when configured) is applied to x_0 before corruption and its labels go to the
@@ -37,11 +43,11 @@ import jax.numpy as jnp
 from diffjax import registry
 from diffjax.corruptions import SoftSchedule, _per_example, schedule_of
 
-WEIGHTINGS = ('eps', 'none')
+WEIGHTINGS = ('none', 'eps')
 
 
-def soft_weight(sigma, weighting: str = 'eps'):
-  """w(t) as a function of σ_t [...]: 1/σ_t² ('eps') or 1 ('none')."""
+def soft_weight(sigma, weighting: str = 'none'):
+  """w(t) as a function of σ_t [...]: 1 ('none') or 1/σ_t² ('eps')."""
   if weighting == 'eps':
     return 1.0 / jnp.square(sigma)
   if weighting == 'none':
@@ -51,7 +57,7 @@ def soft_weight(sigma, weighting: str = 'eps'):
 
 
 def soft_score_matching(model: Callable, schedule: SoftSchedule, x0, key, *,
-                        weighting: str = 'eps', t_min: float = 0.0,
+                        weighting: str = 'none', t_min: float = 0.0,
                         t: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
   """The Soft Score Matching loss for one batch.
 
@@ -60,7 +66,7 @@ def soft_score_matching(model: Callable, schedule: SoftSchedule, x0, key, *,
     schedule: the forward process (C_t, σ_t).
     x0: clean (possibly augmented) images [B, H, W, C].
     key: PRNG key for t and η.
-    weighting: 'eps' or 'none' (module docstring).
+    weighting: 'none' or 'eps' (module docstring).
     t_min: t ~ U(t_min, 1).
     t: optional fixed times [B] (tests, evaluation at given t).
 
@@ -87,10 +93,10 @@ class SoftScoreMatching:
   """The registered 'soft' loss: a factory of `training.step.Objective`s.
 
   Attributes:
-    weighting: 'eps' (w = 1/σ_t², default) or 'none' (w = 1).
+    weighting: 'none' (w = 1, default) or 'eps' (w = 1/σ_t²).
     t_min: lower end of the training times t ~ U(t_min, 1).
   """
-  weighting: str = 'eps'
+  weighting: str = 'none'
   t_min: float = 0.0
   name: str = 'soft'
 
@@ -134,7 +140,7 @@ class SoftScoreMatching:
     return step_lib.Objective(loss=loss_fn)
 
 
-def make_soft_loss(weighting: str = 'eps', t_min: float = 0.0) -> SoftScoreMatching:
+def make_soft_loss(weighting: str = 'none', t_min: float = 0.0) -> SoftScoreMatching:
   """Soft Score Matching with the given weighting (config.loss.kwargs)."""
   return SoftScoreMatching(weighting=weighting, t_min=float(t_min))
 

@@ -69,5 +69,6 @@ def get(kind: str, name: str) -> Any:
   table = _TABLE.get(kind, {})
   if name not in table:
     known = ', '.join(sorted(table)) or '(none registered)'
-    raise UnknownNameError(f'Unknown {kind} {name!r}; known {kind}s: {known}.')
+    plural = kind + ('es' if kind.endswith('s') else 's')
+    raise UnknownNameError(f'Unknown {kind} {name!r}; known {plural}: {known}.')
   return table[name]

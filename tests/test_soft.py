@@ -236,7 +236,7 @@ def test_registered_loss_trains_through_the_objective_protocol():
   expected = x + 0.1 * x + 0.2 * 500.0 / 1000.0
   got = denoiser.bind(params, jnp.zeros((8, 3)))(x, jnp.full((8,), 0.5))  # zero labels: Dense adds 0
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6)
-  with pytest.raises(ValueError, match='known weightings: eps, none'):
+  with pytest.raises(ValueError, match='known weightings: none, eps'):
     registry.get('loss', 'soft')(weighting='snr')
 
 
@@ -269,10 +269,10 @@ def test_soft_configs_build_their_parts():
   assert isinstance(p, C.SoftPreconditioning) and p.schedule.corruption == 'blur'
   assert c.sample.sampler == 'momentum' and c.sample.num_steps == p.schedule.num_levels - 1
   assert p.schedule.p1_mean is not None  # the digits levels file is checked in
-  assert build.build_loss(c).weighting == 'eps'
+  assert build.build_loss(c).weighting == 'none'
   for arg, corruption in (('cifar10,mask', 'mask'), ('celeba64,identity', 'identity')):
     c = soft.get_config(arg)
     assert build.build_precond(c).schedule.corruption == corruption
-  assert build.build_loss(soft.get_config('digits,unweighted')).weighting == 'none'
+  assert build.build_loss(soft.get_config('digits,eps_weighted')).weighting == 'eps'
   with pytest.raises(ValueError, match='known presets'):
     soft.get_config('mnist')

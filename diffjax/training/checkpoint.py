@@ -34,6 +34,7 @@ FSDP-sharded state would need device-side saving and fingerprints.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -145,18 +146,31 @@ def _mismatches(expected: Dict[str, str], actual: Dict[str, str]) -> List[str]:
 # ------------------------------------------------------------------------------------------------
 
 
+# Multi-host coordination goes through the jax.distributed key-value store, not device
+# collectives: a process that is still compiling or writing may arrive minutes late, which a
+# store barrier waits for, while CPU (gloo) collectives give up after 30 s.
+_SYNC_TIMEOUT_MS = 30 * 60 * 1000
+_sync_ids = itertools.count()  # every process makes the same sequence of calls
+
+
+def _client():
+  from jax._src import distributed
+  return distributed.global_state.client
+
+
 def _all_agree(ok: bool) -> bool:
   """True only if `ok` holds on every process (so all take the same branch)."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils
-  return bool(np.all(multihost_utils.process_allgather(np.asarray([ok], np.int32))))
+  key = f'diffjax_checkpoint_agree_{next(_sync_ids)}'
+  _client().key_value_set(f'{key}/{jax.process_index()}', '1' if ok else '0')
+  return all(_client().blocking_key_value_get(f'{key}/{i}', _SYNC_TIMEOUT_MS) == '1'
+             for i in range(jax.process_count()))
 
 
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+    _client().wait_at_barrier(f'{name}_{next(_sync_ids)}', _SYNC_TIMEOUT_MS)
 
 
 def _first_line(e: BaseException) -> str:
