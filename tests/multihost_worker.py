@@ -30,6 +30,11 @@ def main() -> None:
   p.add_argument('--first_steps', type=int, default=2)
   p.add_argument('--dump_after', type=float, default=0, help='dump all stacks after N s (hangs)')
   args = p.parse_args()
+  if os.environ.get('DIFFJAX_WORKER_DEBUG'):
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    for name in ('jax._src.compiler', 'jax._src.compilation_cache'):
+      logging.getLogger(name).setLevel(logging.DEBUG)
   if args.dump_after:
     import faulthandler
     faulthandler.dump_traceback_later(args.dump_after, exit=False)
@@ -38,12 +43,13 @@ def main() -> None:
   import jax
   jax.config.update('jax_num_cpu_devices', 2)
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  # Process 0 compiles each executable and shares it: with one compiling and the other loading
-  # from the cache, their first collective would be minutes apart and gloo waits only 30 s.
+  # Process 0 compiles each executable and shares it with process 1 through the distributed
+  # key-value store, so both reach each collective together (gloo waits only 30 s for a peer).
+  # No persistent cache: its keys differ per process and only process 0 writes it, so process 0
+  # would load what process 1 must compile, and a process that hits the cache does not share.
   jax.config.update('jax_share_binary_between_hosts', True)
-  from diffjax import cli
+  jax.config.update('jax_enable_compilation_cache', False)
   from diffjax.training import parallel
-  cli.enable_compilation_cache()  # $DIFFJAX_CACHE, as train.py does
   parallel.initialize_distributed(f'127.0.0.1:{args.port}', args.num_processes, args.process_id)
 
   import numpy as np
