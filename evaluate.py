@@ -14,7 +14,8 @@
   # The same on images: an .npz with uint8 `images` [N, H, W, C], or a folder of PNG/JPEG files:
   python evaluate.py fid --images=samples.npz --ref=refs/cifar10-train.npz [--out=result.json]
 
-  # The CPU-scale digits evaluator (classifier Fréchet distance and accuracy):
+  # The CPU-scale digits evaluator (classifier Fréchet distance and accuracy); results to
+  # WORKDIR/eval/digits_<step>_<sampler><steps>[_w<guidance>...].json with a PNG beside it:
   python evaluate.py digits --workdir=runs/digits [--num=1000 --sampler=heun --steps=18]
 
   # bits/dim of a discrete (DDPM/iDDPM) run: the full VLB over all t on a split (test by default):

@@ -1,147 +1,109 @@
-"""Speed figures of diffjax on this machine, as ratios and as a fraction of the measured peak.
+"""diffjax against the PyTorch reference on this machine, in one run, as one table.
 
-    python benchmarks/run.py                       # digits network, quick (~1–2 min on 2 CPU cores)
-    python benchmarks/run.py --preset=ddpmpp_cifar10 --resolution=32 --channels=3 --batch=16
+    python benchmarks/run.py                      # DDPM CIFAR-10 U-Net, batch 16, float32
+    python benchmarks/run.py --dtype=bfloat16     # bf16 compute (fp32 params) on both sides
+    python benchmarks/run.py --preset=digits --batch=128 --no-torch   # the quickstart network
 
-Prints one table:
-  matmul peak         GFLOP/s of a large float32 matmul (the machine's ceiling we compare against)
-  sampler overhead    µs per network evaluation of the 18-step Heun sampler with a trivial denoiser
-  U-Net forward       img/s and achieved GFLOP/s (XLA cost analysis) / matmul peak
-  train step          img/s (EDM loss, Adam, EMA) and achieved GFLOP/s / matmul peak
+The PyTorch side needs the optional extra (`pip install -e '.[bench]'`: torch, diffusers, and
+k-diffusion's sampler with `pip install --no-deps k-diffusion torchdiffeq torchsde`; `make bench`
+installs all of it). Without it the table has diffjax's column only.
+
+Each side runs in its own process (benchmarks/bench_jax.py, benchmarks/bench_torch.py), one after
+the other, so their thread pools never compete and each reports its own peak memory. GFLOP/s are
+the network's FLOPs per image from XLA's cost analysis (the same network on both sides, so the
+same count) times the measured img/s; the fraction is of the matmul peak measured by the JAX side
+in the same run. Figures and what each optimization bought are kept in benchmarks/NOTES.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import subprocess
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import diffjax as dj  # noqa: E402
-from diffjax import losses, models, precond  # noqa: E402
-from diffjax.training import state as state_lib  # noqa: E402
-from diffjax.training import step as step_lib  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def best_time(fn, *args, repeats: int = 5, min_time: float = 0.5) -> float:
-  """Best wall time of fn(*args) (blocking on the result) over repeats, after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  best = float('inf')
-  for _ in range(repeats):
-    n, t0 = 0, time.perf_counter()
-    while True:
-      jax.block_until_ready(fn(*args))
-      n += 1
-      if time.perf_counter() - t0 >= min_time / repeats:
-        break
-    best = min(best, (time.perf_counter() - t0) / n)
-  return best
+def run_side(script: str, args: list[str]) -> dict:
+  """Runs one side in a fresh process and returns the JSON it prints last."""
+  proc = subprocess.run([sys.executable, os.path.join(HERE, script), *args],
+                        capture_output=True, text=True)
+  if proc.returncode:
+    sys.stderr.write(proc.stderr[-4000:])
+    raise SystemExit(f'{script} failed (exit {proc.returncode}); its error is above.')
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def flops_of(jitted, *args) -> float:
-  """FLOPs of one call according to XLA's cost analysis of the compiled program."""
-  cost = jitted.lower(*args).compile().cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return float(cost.get('flops', 0.0)) if cost else 0.0
+def torch_available() -> bool:
+  return all(importlib.util.find_spec(m) is not None for m in ('torch', 'diffusers'))
 
 
-def matmul_peak(n: int = 2048) -> float:
-  """GFLOP/s of an n×n float32 matmul: the practical compute ceiling of this machine."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  return 2 * n**3 / best_time(f, a) / 1e9
+def table(jx: dict, pt: dict | None) -> list[tuple[str, str, str, str]]:
+  """Rows (measure, diffjax, PyTorch, diffjax/PyTorch)."""
+  peak = jx['matmul_gflops']
+  rows = []
 
+  def row(name, key, fmt, higher_better=True, extra=None):
+    a = jx.get(key)
+    b = pt.get(key) if pt else None
+    ratio = ''
+    if a is not None and b:
+      ratio = f'{a / b:.2f}×' if higher_better else f'{b / a:.1f}× less'
+    rows.append((name, fmt(a, jx) if a is not None else '—',
+                 fmt(b, pt) if b is not None else '—', extra or ratio))
 
-def sampler_overhead(batch: int = 8, steps: int = 18) -> dict:
-  """µs per NFE of heun() with a trivial denoiser, minus the cost of the trivial denoiser alone."""
-  shape = (batch, 8, 8, 1)
-  sigmas = jnp.asarray(dj.schedules.karras(steps), jnp.float32)
-  x = jax.random.normal(jax.random.key(0), shape) * sigmas[0]
-  trivial = lambda x, sigma: 0.5 * x
-  sample = jax.jit(lambda x: dj.samplers.heun(trivial, x, sigmas))
-  per_call = best_time(sample, x, repeats=10, min_time=1.0)
-  nfe = 2 * steps - 1
-  alone = jax.jit(lambda x: trivial(x, sigmas[0]))
-  t_alone = best_time(alone, x, repeats=10, min_time=0.5)
-  return {'us_per_nfe': per_call / nfe * 1e6, 'us_trivial_call': t_alone * 1e6, 'nfe': nfe}
-
-
-def network_figures(preset: str, resolution: int, channels: int, batch: int, label_dim: int,
-                    peak: float) -> dict:
-  """U-Net forward and train-step throughput and FLOP utilization."""
-  net = models.create_network(preset, img_resolution=resolution, in_channels=channels,
-                              out_channels=channels, label_dim=label_dim)
-  x = jax.random.normal(jax.random.key(0), (batch, resolution, resolution, channels))
-  noise = jnp.zeros((batch,))
-  labels = jax.nn.one_hot(jnp.arange(batch) % max(label_dim, 1), label_dim) if label_dim else None
-  params = jax.jit(lambda k: net.init({'params': k}, x, noise, labels))(jax.random.key(1))['params']
-  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-
-  forward = jax.jit(lambda p, x: net.apply({'params': p}, x, noise, labels))
-  t_fwd = best_time(forward, params, x)
-  flops_fwd = flops_of(forward, params, x)
-
-  denoiser = precond.Denoiser(net, precond.make_edm())
-  tx = state_lib.make_optimizer(1e-4, batch)
-  objective = step_lib.denoising_objective(denoiser, losses.get_loss('edm'), num_classes=label_dim)
-  step = step_lib.make_train_step(objective, tx, batch_size=batch, ema_halflife_images=1e4)
-  state = state_lib.create_train_state(params, tx)
-  batch_data = {'image': x, 'label': jnp.arange(batch) % max(label_dim, 1)}
-  train = jax.jit(step)
-  key = jax.random.key(2)
-  t_train = best_time(lambda s: train(s, batch_data, key)[1]['loss'], state, repeats=3,
-                      min_time=1.0)
-  flops_train = flops_of(train, state, batch_data, key)
-  return {
-      'preset': preset, 'params': n_params, 'batch': batch,
-      'forward_img_s': batch / t_fwd, 'forward_gflops': flops_fwd / t_fwd / 1e9,
-      'forward_frac_peak': flops_fwd / t_fwd / 1e9 / peak,
-      'forward_gflop_per_img': flops_fwd / batch / 1e9,
-      'train_img_s': batch / t_train, 'train_gflops': flops_train / t_train / 1e9,
-      'train_frac_peak': flops_train / t_train / 1e9 / peak,
-  }
+  ips = lambda v, side: f'{v:.2f} img/s'
+  rows.append(('framework', jx['framework'], pt['framework'] if pt else 'not installed', ''))
+  row('matmul peak (2048², float32)', 'matmul_gflops', lambda v, s: f'{v:.0f} GFLOP/s')
+  row('parameters', 'params', lambda v, s: f'{v:,}', extra='equal' if pt and
+      pt['params'] == jx['params'] else ('DIFFERENT' if pt else ''))
+  row(f"U-Net forward (batch {jx['batch']}, {jx['dtype']})", 'forward_img_s', ips)
+  row('  GFLOP/s, fraction of matmul peak', 'forward_img_s',
+      lambda v, s: f"{v * jx['forward_gflop_per_img']:.0f} = "
+                   f"{v * jx['forward_gflop_per_img'] / peak:.0%}", extra=' ')
+  row('train step (ε loss, Adam, clip, EMA)', 'train_img_s', ips)
+  row('  GFLOP/s, fraction of matmul peak', 'train_img_s',
+      lambda v, s: f"{v * jx['train_gflop_per_img']:.0f} = "
+                   f"{v * jx['train_gflop_per_img'] / peak:.0%}", extra=' ')
+  row(f"Heun sampling ({jx['heun_nfe']} NFE)", 'heun_img_s', ips)
+  row('sampler overhead, trivial denoiser', 'overhead_us_per_nfe',
+      lambda v, s: f'{v:.1f} µs/NFE', higher_better=False)
+  row('train step memory, XLA buffer plan', 'train_xla_bytes', lambda v, s: f'{v / 2**20:.0f} MiB',
+      extra=' ')
+  row('peak resident memory (process)', 'peak_rss_bytes', lambda v, s: f'{v / 2**20:.0f} MiB',
+      higher_better=False)
+  if pt:
+    rows.append(('PyTorch Heun sampler', '', pt['heun_source'], ''))
+  return rows
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  parser.add_argument('--preset', default='digits')
-  parser.add_argument('--resolution', type=int, default=8)
-  parser.add_argument('--channels', type=int, default=1)
-  parser.add_argument('--label_dim', type=int, default=10)
-  parser.add_argument('--batch', type=int, default=128)
-  parser.add_argument('--json', default=None, help='Also write the figures to this JSON file.')
-  args = parser.parse_args()
-
-  peak = matmul_peak()
-  overhead = sampler_overhead()
-  net = network_figures(args.preset, args.resolution, args.channels, args.batch, args.label_dim,
-                        peak)
-  rows = [
-      ('device', f'{jax.devices()[0].platform} × {jax.device_count()}'),
-      ('matmul peak (float32)', f'{peak:.1f} GFLOP/s'),
-      ('sampler overhead (heun, 18 steps)', f"{overhead['us_per_nfe']:.1f} µs per NFE "
-       f"(trivial denoiser alone: {overhead['us_trivial_call']:.1f} µs)"),
-      (f"U-Net forward ({net['preset']}, {net['params']:,} params, batch {net['batch']})",
-       f"{net['forward_img_s']:.1f} img/s, {net['forward_gflops']:.1f} GFLOP/s = "
-       f"{net['forward_frac_peak']:.0%} of peak ({net['forward_gflop_per_img']:.3f} GFLOP/img)"),
-      ('train step (EDM loss, Adam, EMA)',
-       f"{net['train_img_s']:.1f} img/s, {net['train_gflops']:.1f} GFLOP/s = "
-       f"{net['train_frac_peak']:.0%} of peak"),
-  ]
-  width = max(len(r[0]) for r in rows)
-  for name, value in rows:
-    print(f'{name:<{width}}  {value}')
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--preset', default='ddpm_cifar10')
+  p.add_argument('--batch', type=int, default=16)
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--no-torch', action='store_true', help='Measure diffjax only.')
+  p.add_argument('--json', default=None, help='Also write both sides\' figures to this file.')
+  args = p.parse_args()
+  common = [f'--batch={args.batch}', f'--dtype={args.dtype}']
+  jx = run_side('bench_jax.py', [f'--preset={args.preset}', *common])
+  pt = None
+  if not args.no_torch and args.preset == 'ddpm_cifar10':
+    if torch_available():
+      pt = run_side('bench_torch.py', common)
+    else:
+      print("PyTorch side skipped: pip install -e '.[bench]' (torch, diffusers) to compare.")
+  rows = table(jx, pt)
+  header = ('', 'diffjax', 'PyTorch reference', 'diffjax vs PyTorch')
+  widths = [max(len(r[i]) for r in (header, *rows)) for i in range(4)]
+  for r in (header, *rows):
+    print('  '.join(f'{c:<{w}}' for c, w in zip(r, widths)).rstrip())
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump({'matmul_peak_gflops': peak, **overhead, **net}, f, indent=2)
+      json.dump({'diffjax': jx, 'pytorch': pt}, f, indent=2)
 
 
 if __name__ == '__main__':

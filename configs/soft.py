@@ -24,14 +24,20 @@ Presets:
   cifar10   CIFAR-10 32×32, unconditional. Paper: FID 4.64. Blur range scaled from CelebA by
             resolution (σ_B ≤ 11.5 px, our choice); network/optimization: EDM config F (DDPM++,
             batch 512, lr 1e-3, 200 Mimg, dropout 0.13, augmentation p = 0.12).
-  digits    the built-in 8×8 digits, class-conditional, 600 steps of batch 128. σ_B ≤ 8 px (= the
+  digits    the built-in 8×8 digits, class-conditional, 1800 steps of batch 128. σ_B ≤ 8 px (= the
             image size: at t = 1 every non-constant DCT mode keeps < 1% of its amplitude, so the
             Gaussian p_1 fit only describes the mean intensity, which suits a class-conditional
             model), 32 levels, noise 0.01 → 0.5. The larger top noise is chosen with the tool's
             audit (`samplers.momentum.gaussian_variance_ratio`): with σ_1 = 0.1 the first step out
             of σ_B = 8 px makes the lowest DCT modes from a single prediction, and even the exact
             model of the data's Gaussian fit then returns 17–20% of their variance (31 Momentum
-            steps); with 0.5 it returns 88–102% (the naive sampler 39–48%).
+            steps); with 0.5 it returns 88–102% (the naive sampler 39–48%). Evaluator figures
+            (1000 samples, 31 steps, FD to the train split / class accuracy; real test split: FD
+            2.2): at 600 steps momentum 21.6 / 0.88 against naive 11.9 / 0.99 (the Momentum
+            Sampler follows the model's score and needs a better model than the naive one, which
+            only re-blurs x̂_0); at 1200 steps 7.9 / 0.96 against 15.6 / 0.998; at 1800 steps
+            4.5 / 0.975 against 16.0 / 0.997 — naive samples are near copies of one digit per
+            class (it loses half the variance of every mode, as the audit predicts).
 Options:
   cond / uncond             class-conditional or not
   blur / mask / identity    the corruption (identity = VE diffusion with the soft samplers)
@@ -87,7 +93,8 @@ def get_config(arg: str | None = None):
     c.data.conditional = False
     c.model.preset = 'ddpmpp_cifar10'
   elif preset == 'digits':
-    # EDM's digits quickstart settings, shortened: ~600 steps fit in ~10 minutes on a loaded CPU.
+    # EDM's digits quickstart settings. 1800 steps: ~15 min on 2 idle CPU cores, about 30 on a loaded
+    # machine; the Momentum Sampler overtakes the naive one between 600 and 1200 steps.
     c.data.name = 'digits'
     c.model.preset = 'digits'
     c.model.kwargs.dropout = 0.05
@@ -95,10 +102,10 @@ def get_config(arg: str | None = None):
     c.optim.lr = 2e-3
     c.optim.lr_rampup_images = 20e3
     c.train.batch_size = 128
-    c.train.total_images = 128 * 600
+    c.train.total_images = 128 * 1800
     c.train.ema_halflife_images = 50e3
     c.train.log_every = 50
-    c.train.checkpoint_every = 200
+    c.train.checkpoint_every = 600
     c.train.sample_every = 0
     c.train.num_preview = 100
 

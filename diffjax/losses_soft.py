@@ -23,9 +23,8 @@ times. The paper's exact weighting was not retrieved (REFERENCE §5), so ours is
     losses. Then w‖C_t(x̂_0 − x_0)‖² = ‖ε̂ − η‖² with ε̂ = (x_t − C_t x̂_0)/σ_t, a unit-scale
     noise-prediction error — natural for a network that outputs ε (c_out ∝ σ), but with the residual
     parameterization it weights the error of φ_θ by 1/σ_t², up to 2500× more at σ = 0.01 than at
-    σ = 0.5. On the digits (600 steps, configs/soft.py) it trained a model whose Momentum-Sampler
-    samples scored FD 55 / accuracy 0.69, against FD … with 'none' (see the digits note in
-    configs/soft.py).
+    σ = 0.5. On the digits (configs/soft.py:digits, 600 steps) the Momentum Sampler's samples
+    scored FD 55 / class accuracy 0.69 with 'eps' against FD 21.6 / 0.88 with 'none'.
 
 As in `diffjax.losses`, the squared error is summed over pixels per example and averaged over the
 batch. Augmentation (when configured) is applied to x_0 before corruption and its labels go to the

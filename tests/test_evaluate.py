@@ -79,8 +79,8 @@ def _direct_features(variables, images):
 
 
 def _assert_stats_close(a, b):
-  # Streamed moments are float32 per batch (as EDM's), then sigma = (sum f f^T - n mu mu^T)/(n - 1)
-  # cancels: agreement to ~1e-5 of the largest entry is what float32 gives.
+  # Streamed moments are float32 per batch (centred on the batch mean, combined in float64): agreement
+  # to ~1e-5 of the largest entry is what float32 gives.
   np.testing.assert_allclose(a.mu, b.mu, rtol=1e-5, atol=1e-5 * np.abs(b.mu).max())
   np.testing.assert_allclose(a.sigma, b.sigma, rtol=1e-4, atol=1e-4 * np.abs(b.sigma).max())
 
@@ -203,6 +203,28 @@ def test_fid_of_run_with_edm3_protocol(variables, workdir, digits, tmp_path):
                                    inception_variables=variables)
   assert alone.num_images == 3 and within.num_images == 6
   np.testing.assert_allclose(alone.pool3, within.pool3[3:], rtol=1e-4, atol=1e-4)
+
+
+def test_digits_result_names_say_what_was_evaluated():
+  name = runs._digits_result_name
+  assert name(1200, 'heun', 18, 0.0, {}) == 'digits_00001200_heun18'
+  assert name(1200, 'heun', 18, 0.5, {}) == 'digits_00001200_heun18_w0p5'
+  assert name(1200, 'heun', 18, 0.0, {'churn': 40.0, 's_noise': 1.003}, 500, 7) == (
+    'digits_00001200_heun18_churn40_noise1p003_n500_seed7')
+  settings = [('heun', 18, 0.0), ('heun', 9, 0.0), ('euler', 18, 0.0), ('heun', 18, 2.0)]
+  assert len({name(1200, *x, {}) for x in settings}) == len(settings)
+
+
+def test_digits_evaluations_of_one_checkpoint_do_not_collide(workdir):
+  a = runs.evaluate_digits(workdir, num_images=10, batch_size=10)
+  b = runs.evaluate_digits(workdir, num_images=10, batch_size=10, sampler='euler', num_steps=3)
+  assert a['json'] != b['json']
+  for result in (a, b):
+    path = pathlib.Path(result['json'])
+    assert path.parent == pathlib.Path(workdir) / 'eval' and path.exists()
+    assert path.name.startswith(f'digits_{result["step"]:08d}_{result["sampler"]}{result["num_steps"]}')
+    assert json.loads(path.read_text())['sampler'] == result['sampler']
+    assert path.with_suffix('.png').exists()
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -254,6 +254,41 @@ def test_fid_between_gaussians_equals_closed_form():
     fidlib.frechet_distance(m, s5, m[:10], s6[:10, :10])
 
 
+def test_fid_of_features_with_themselves_is_non_negative_and_tiny():
+  # 64-d Gaussian features with a common offset, n = 2000, in float32 as a feature network returns them.
+  # Before the fix, the traces used the unclipped eigenvalues while the cross term used clipped ones, and
+  # the streamed raw moments lost the covariance to cancellation: FID(x, x) came out below 0.
+  rng = np.random.default_rng(4)
+  feats = (rng.standard_normal((2000, 64)) @ rng.standard_normal((64, 64)) * 0.3 + 50.0).astype(
+    np.float32
+  )
+  direct = fidlib.statistics_from_features(feats)
+  streamed = fidlib.StreamingStats()
+  for lo in range(0, 2000, 300):  # uneven last batch
+    streamed.update(feats[lo : lo + 300])
+  streamed = streamed.statistics()
+  for a, b in ((direct, direct), (streamed, streamed), (direct, streamed), (streamed, direct)):
+    assert 0.0 <= fidlib.fid_from_statistics(a, b) <= 1e-6
+  # Rank deficient (n < d) covariances have round-off negative eigenvalues; still exactly >= 0.
+  few = fidlib.StreamingStats().update(feats[:20]).statistics()
+  assert np.linalg.eigvalsh(few.sigma).min() < 0
+  assert 0.0 <= fidlib.fid_from_statistics(few, few) <= 1e-6
+
+
+def test_fid_between_diagonal_gaussians_equals_closed_form():
+  # Diagonal covariances commute: FD = |mu1 - mu2|^2 + sum (sqrt(s1) - sqrt(s2))^2.
+  rng = np.random.default_rng(5)
+  d = 64
+  mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d) + 0.5
+  s1, s2 = rng.uniform(0.01, 4.0, d), rng.uniform(0.01, 4.0, d)
+  expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+  got = fidlib.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+  assert got == pytest.approx(expected, rel=1e-6)
+  # Same means: only the covariance term is left.
+  got = fidlib.frechet_distance(mu1, np.diag(s1), mu1, np.diag(s2))
+  assert got == pytest.approx(np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2), rel=1e-6)
+
+
 def test_statistics_npz_round_trip(tmp_path):
   rng = np.random.default_rng(2)
   s = fidlib.statistics_from_features(rng.standard_normal((100, 16)))

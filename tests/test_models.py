@@ -320,3 +320,18 @@ def test_group_norm_matches_numpy_and_edm_group_rule():
   mean = g.mean(axis=(1, 2, 4), keepdims=True)
   var = g.var(axis=(1, 2, 4), keepdims=True)
   np.testing.assert_allclose(got, ((g - mean) / np.sqrt(var + 1e-6)).reshape(x.shape), atol=1e-5)
+
+
+@pytest.mark.parametrize('offset, atol', [(0.0, 1e-5), (5.0, 1e-4), (20.0, 1e-3)])
+def test_group_norm_one_pass_moments_stay_accurate_off_centre(offset, atol):
+  # GroupNorm takes both moments in one pass (E[h²] − E[h]²): its float32 cancellation grows with
+  # (mean/std)², within the bounds its docstring states.
+  rng = np.random.default_rng(2)
+  x = (rng.standard_normal((2, 8, 8, 64)) + offset).astype(np.float32)
+  scale, bias = rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+  got = layers.GroupNorm(eps=1e-6).apply(
+    {'params': {'scale': jnp.asarray(scale), 'bias': jnp.asarray(bias)}}, jnp.asarray(x))
+  g = x.astype(np.float64).reshape(2, 8, 8, 16, 4)
+  mean, var = g.mean(axis=(1, 2, 4), keepdims=True), g.var(axis=(1, 2, 4), keepdims=True)
+  want = ((g - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
+  np.testing.assert_allclose(got, want, atol=atol)

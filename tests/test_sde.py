@@ -204,3 +204,23 @@ def test_unknown_options_fail_clearly(seeds_and_latents):
   with pytest.raises(ValueError, match='Cannot tell which SDE'):
     samplers.get_sampler('pc')(gaussian_denoiser, latents, keys,
                                precond=precond.get_preconditioning('edm'), num_steps=2)
+
+
+def test_configs_build_score_sde_parts():
+  from configs import sde as sde_configs
+
+  from diffjax import build
+  for arg, kind, sampler_kwargs in (('cifar10', 'vp', ('euler_maruyama', 'none')),
+                                    ('cifar10,subvp,deep', 'subvp', ('euler_maruyama', 'none')),
+                                    ('cifar10,ve', 've', ('reverse_diffusion', 'langevin')),
+                                    ('digits,ve,likelihood', 've', ('reverse_diffusion', 'langevin'))):
+    c = sde_configs.get_config(arg)
+    p, loss = build.build_precond(c), build.build_loss(c)
+    assert p.name == loss.name == f'sde_{kind}' and p.sde.name == kind
+    assert (c.sample.kwargs.predictor, c.sample.kwargs.corrector) == sampler_kwargs
+    assert c.sample.sampler in samplers.names()
+  c = sde_configs.get_config('cifar10')
+  assert c.loss.kwargs.reduce_mean and c.loss.kwargs.num_dims == 3072
+  np.testing.assert_allclose(c.train.ema_halflife_images, 887184.0, rtol=1e-5)
+  with pytest.raises(ValueError, match='Pick one SDE'):
+    sde_configs.get_config('cifar10,vp,ve')

@@ -128,7 +128,7 @@ def test_soft_score_matching_is_minimized_by_the_exact_posterior_mean():
   key = jax.random.key(0)
   ts = jnp.full((n,), t)
 
-  def loss(theta, weighting='eps'):
+  def loss(theta, weighting='none'):
     a, b = theta[:H * W].reshape(H, W, 1), theta[H * W:].reshape(H, W, 1)
     model = lambda x, tt: C.from_basis(a * C.to_basis(x, 'dct') + b, 'dct')
     return losses_soft.soft_score_matching(model, schedule, x0, key, weighting=weighting, t=ts)[0]
@@ -149,7 +149,7 @@ def test_soft_score_matching_is_minimized_by_the_exact_posterior_mean():
   se_b = np.sqrt(post_var / n) + se_a * np.abs(d * mean)
   assert np.all(np.abs(a - gain) < 4 * se_a + 1e-3)
   assert np.all(np.abs(b - (1 - gain * d) * mean) < 4 * se_b + 1e-3)
-  # The weighting is a factor of t alone, w = 1/σ_t²: at fixed t it cannot move the minimizer.
+  # A weighting is a factor of t alone ('eps': 1/σ_t²): at fixed t it cannot move the minimizer.
   th = jnp.asarray(theta, jnp.float32)
   assert float(loss(th, 'none')) == pytest.approx(float(loss(th, 'eps')) * s2, rel=1e-5)
 

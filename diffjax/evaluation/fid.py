@@ -4,11 +4,13 @@ FID (Heusel et al. 2017) compares Gaussians fitted to features of two image sets
 
   FID = ||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)).
 
-The statistics are accumulated as the raw moments n, sum f, sum f^T f (per-batch partial sums on every
-device in float32, accumulated across batches in float64 on the host, as in EDM's `fid.py`), so a 50k-image
-evaluation never keeps the features and any batch size or device count gives the same result. The
-covariance is the unbiased one (divisor n - 1), as in pytorch-fid, torch-fidelity and EDM's reference
-statistics.
+The statistics are streamed: every batch is centred on its own mean before its Gram product is formed
+(per-device partial sums in float32), and batches are combined on the host in float64 with the pairwise
+update of Chan et al. (1979) for the mean and the centred scatter sum (f - mu)^T (f - mu). So a 50k-image
+evaluation never keeps the features, any batch size or device count gives the same result, and features
+with a large common offset do not lose the covariance to cancellation (raw moments sum f^T f - n mu mu^T
+in float32 can leave eigenvalues of -1e-2 and FIDs below 0). The covariance is the unbiased one (divisor
+n - 1), as in pytorch-fid, torch-fidelity and EDM's reference statistics.
 
 KID (Binkowski et al. 2018) is the unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y/d + 1)^3,
 averaged over random subsets; IS (Salimans et al. 2016) is exp(E_x KL(p(y|x) || p(y))) over 10 splits. Both
@@ -124,23 +126,36 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
   return Statistics(mu, sigma, n)
 
 
-def _moments(features, mask):
-  """Per-shard raw moments, float32: (n, sum f [D], sum f^T f [D, D]) over rows with mask 1."""
+def _moments(features, mask, axes=None):
+  """Per-batch moments about the batch mean, float32.
+
+  Args:
+    features: [B, D] (one shard of the batch when `axes` is given).
+    mask: [B] 0/1 weights or None.
+    axes: mesh axes to psum over (inside shard_map), or None.
+
+  Returns:
+    (n, centre [D], sum w (f - centre) [D], sum w (f - centre)^T (f - centre) [D, D]), each summed over
+    `axes`. `centre` is the batch mean as computed in float32; the small sum of residuals lets the host
+    correct for its round-off exactly.
+  """
+  psum = (lambda x: x) if axes is None else functools.partial(jax.lax.psum, axis_name=axes)
   f = features.astype(jnp.float32)
   w = jnp.ones(f.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
-  fw = f * w[:, None]
+  n, s = psum((jnp.sum(w), jnp.sum(f * w[:, None], axis=0)))
+  centre = s / jnp.maximum(n, 1.0)
+  fc = (f - centre) * w[:, None]  # masked rows contribute 0 to both sums (w is 0/1)
   # HIGHEST: TPU matmuls would otherwise round the features to bfloat16 before the Gram product.
-  gram = jnp.einsum('bi,bj->ij', fw, f, precision=jax.lax.Precision.HIGHEST)
-  return jnp.sum(w), jnp.sum(fw, axis=0), gram
+  scatter = jnp.einsum('bi,bj->ij', fc, fc, precision=jax.lax.Precision.HIGHEST)
+  return n, centre, *psum((jnp.sum(fc, axis=0), scatter))
 
 
 @functools.cache
 def _sharded_moments_fn(mesh, axes, with_mask: bool):
-  """shard_map'ed moments: every device reduces its shard, then one psum over the data axes."""
+  """shard_map'ed moments: every device reduces its shard; psums give the batch mean and the sums."""
 
   def local(features, *mask):
-    n, s, g = _moments(features, mask[0] if mask else None)
-    return jax.lax.psum((n, s, g), axes)
+    return _moments(features, mask[0] if mask else None, axes)
 
   spec = P(axes)
   in_specs = (spec, spec) if with_mask else (spec,)
@@ -164,12 +179,14 @@ def _batch_axes(x: jax.Array):
 
 
 def batch_moments(features: Any, mask: Any = None) -> tuple[float, np.ndarray, np.ndarray]:
-  """Raw moments of one batch, reduced over all devices (and hosts), returned in float64.
+  """Count, mean and centred scatter of one batch, reduced over all devices (and hosts), in float64.
 
   If `features` is a jax.Array sharded over a mesh on its batch dimension (as produced by a data-parallel
-  feature function), every device computes the moments of its own shard and a `psum` adds them, so a
+  feature function), every device computes the moments of its own shard and `psum`s add them, so a
   global batch spread over several hosts is reduced without gathering the features. Otherwise the moments
-  are computed by one jitted function on the default device.
+  are computed by one jitted function on the default device. The Gram product is formed of features
+  centred on the batch mean, so its float32 round-off scales with the spread of the features, not with
+  their offset.
 
   Args:
     features: [B, D] float (jax.Array, possibly sharded on B, or numpy).
@@ -177,7 +194,7 @@ def batch_moments(features: Any, mask: Any = None) -> tuple[float, np.ndarray, n
       are left out.
 
   Returns:
-    (n, sum [D], sum of outer products [D, D]) as float64 host values.
+    (n, mean [D], scatter [D, D] = sum (f - mean)^T (f - mean)) as float64 host values.
   """
   if features.ndim != 2:
     raise ValueError(f'Features must be [B, D], got shape {features.shape}.')
@@ -186,14 +203,21 @@ def batch_moments(features: Any, mask: Any = None) -> tuple[float, np.ndarray, n
     fn = _sharded_moments_fn(mesh, axes, mask is not None)
     if mask is not None and not isinstance(mask, jax.Array):
       mask = jax.device_put(np.asarray(mask), NamedSharding(mesh, P(axes)))
-    n, s, g = fn(features, *(() if mask is None else (mask,)))
+    n, centre, s, g = fn(features, *(() if mask is None else (mask,)))
   else:
-    n, s, g = _plain_moments(features, None if mask is None else jnp.asarray(mask))
-  return float(n), np.asarray(s, np.float64), np.asarray(g, np.float64)
+    n, centre, s, g = _plain_moments(features, None if mask is None else jnp.asarray(mask))
+  n = float(n)
+  if n == 0:
+    d = centre.shape[0]
+    return 0.0, np.zeros(d), np.zeros((d, d))
+  # Exact in float64: sum (f-c)(f-c)^T = sum (f-m)(f-m)^T + n (m-c)(m-c)^T, with m - c = s / n.
+  delta = np.asarray(s, np.float64) / n
+  scatter = np.asarray(g, np.float64) - n * np.outer(delta, delta)
+  return n, np.asarray(centre, np.float64) + delta, scatter
 
 
 class StreamingStats:
-  """Accumulates feature statistics batch by batch (float64 on the host).
+  """Accumulates feature statistics batch by batch (count, mean and centred scatter, float64 on the host).
 
   Example:
     stats = StreamingStats()
@@ -204,49 +228,73 @@ class StreamingStats:
 
   def __init__(self):
     self.n = 0.0
-    self.sum: np.ndarray | None = None
-    self.sum_outer: np.ndarray | None = None
+    self.mean: np.ndarray | None = None
+    self.scatter: np.ndarray | None = None
 
   def update(self, features: Any, mask: Any = None) -> 'StreamingStats':
     """Adds a batch [B, D] (see `batch_moments` for sharded batches and `mask`). Returns self."""
-    self.add_moments(*batch_moments(features, mask))
+    return self.add_centred(*batch_moments(features, mask))
+
+  def add_centred(self, n: float, mean: np.ndarray, scatter: np.ndarray) -> 'StreamingStats':
+    """Adds a group's count, mean [D] and scatter about its mean [D, D] (Chan et al.'s pairwise update)."""
+    mean, scatter = np.asarray(mean, np.float64), np.asarray(scatter, np.float64)
+    if self.mean is None:
+      self.mean, self.scatter = np.zeros_like(mean), np.zeros_like(scatter)
+    if mean.shape != self.mean.shape:
+      raise ValueError(f'Feature dimension changed from {self.mean.shape[0]} to {mean.shape[0]}.')
+    n = float(n)
+    if n == 0:
+      return self
+    total = self.n + n
+    delta = mean - self.mean
+    self.mean = self.mean + delta * (n / total)
+    self.scatter = self.scatter + scatter + np.outer(delta, delta) * (self.n * n / total)
+    self.n = total
     return self
 
   def add_moments(self, n: float, s: np.ndarray, g: np.ndarray) -> 'StreamingStats':
-    """Adds precomputed raw moments (n, sum [D], sum of outer products [D, D])."""
-    if self.sum is None:
-      self.sum, self.sum_outer = np.zeros_like(s, np.float64), np.zeros_like(g, np.float64)
-    if s.shape != self.sum.shape:
-      raise ValueError(f'Feature dimension changed from {self.sum.shape[0]} to {s.shape[0]}.')
-    self.n += float(n)
-    self.sum += s
-    self.sum_outer += g
-    return self
+    """Adds raw moments (n, sum [D], sum of outer products [D, D]); prefer `add_centred`, which does not
+    lose precision to the cancellation in g - n mean mean^T."""
+    n = float(n)
+    if n == 0:
+      return self.add_centred(0.0, np.zeros_like(s, np.float64), np.zeros_like(g, np.float64))
+    mean = np.asarray(s, np.float64) / n
+    return self.add_centred(n, mean, np.asarray(g, np.float64) - n * np.outer(mean, mean))
 
   def merge(self, other: 'StreamingStats') -> 'StreamingStats':
-    """Adds another accumulator's moments (e.g. one per shard of a dataset). Returns self."""
-    if other.sum is not None:
-      self.add_moments(other.n, other.sum, other.sum_outer)
+    """Adds another accumulator's statistics (e.g. one per shard of a dataset). Returns self."""
+    if other.mean is not None:
+      self.add_centred(other.n, other.mean, other.scatter)
     return self
 
   def statistics(self) -> Statistics:
     """Mean and unbiased covariance of everything added so far."""
-    if self.sum is None or self.n < 2:
+    if self.mean is None or self.n < 2:
       raise ValueError(f'Need at least 2 samples for statistics, have {int(self.n)}.')
-    n = self.n
-    mu = self.sum / n
-    sigma = (self.sum_outer - n * np.outer(mu, mu)) / (n - 1)
-    return Statistics(mu, 0.5 * (sigma + sigma.T), int(round(n)))
+    sigma = self.scatter / (self.n - 1)
+    return Statistics(self.mean.copy(), 0.5 * (sigma + sigma.T), int(round(self.n)))
 
 
 # --------------------------------------------------------------------------------------------------------
 # FID.
 
 
+def _psd_eigh(sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Eigen-decomposition of the symmetric part of sigma, round-off negative eigenvalues clipped to 0."""
+  sigma = np.asarray(sigma, np.float64)
+  w, v = np.linalg.eigh(0.5 * (sigma + sigma.T))
+  return np.clip(w, 0, None), v
+
+
 def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
   """Symmetric square root of a PSD matrix; round-off negative eigenvalues are clipped to 0."""
-  w, v = np.linalg.eigh(0.5 * (sigma + sigma.T))
-  return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+  w, v = _psd_eigh(sigma)
+  return (v * np.sqrt(w)) @ v.T
+
+
+def _trace_sqrt_from_roots(root1: np.ndarray, root2: np.ndarray) -> float:
+  """tr((S1 S2)^(1/2)) given the symmetric square roots of S1, S2: the nuclear norm of root2 @ root1."""
+  return float(np.sum(np.linalg.svd(root2 @ root1, compute_uv=False)))
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
@@ -257,7 +305,8 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
   has the eigenvalues of S1^(1/2) S2 S1^(1/2) = B^T B with B = S2^(1/2) S1^(1/2), so the trace is the sum
   of B's singular values (its nuclear norm). Taking singular values of B, rather than square roots of the
   eigenvalues of B^T B, avoids sqrt's amplification of round-off near 0: an eigenvalue error of
-  eps * ||B||^2 would become sqrt(eps) * ||B|| per null direction.
+  eps * ||B||^2 would become sqrt(eps) * ||B|| per null direction. The square roots are those of S1 and
+  S2 with round-off negative eigenvalues clipped to 0, i.e. of the nearest PSD matrices.
 
   Args:
     sigma1, sigma2: [D, D] covariances.
@@ -265,14 +314,23 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
   Returns:
     The trace, a Python float.
   """
-  b = _psd_sqrt(np.asarray(sigma2, np.float64)) @ _psd_sqrt(np.asarray(sigma1, np.float64))
-  return float(np.sum(np.linalg.svd(b, compute_uv=False)))
+  return _trace_sqrt_from_roots(_psd_sqrt(sigma1), _psd_sqrt(sigma2))
 
 
 def frechet_distance(
   mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
 ) -> float:
-  """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
+  """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64, never below 0.
+
+  Covariances estimated in finite precision can have tiny negative eigenvalues. The cross term uses the
+  square roots of the covariances with those clipped to 0, so the traces tr(sigma) are taken of the same
+  clipped matrices (sums of the clipped eigenvalues): mixing the two would add 2 x (sum of negative
+  eigenvalues) to the result, which is how FID(x, x) came out at -1e-2 instead of 0. With the clipped
+  matrices the distance is the squared 2-Wasserstein distance between two genuine Gaussians, >= 0 in
+  exact arithmetic. What is left is the round-off of eigh and svd, under 2 D ulps of the traces in our
+  tests: a negative result within 64 D ulps is clamped to 0 (FID(x, x) is then exactly 0, not -1e-13). A
+  larger negative cannot come from round-off (it would mean non-finite or corrupted statistics) and is
+  returned unchanged so that it is not hidden.
 
   Args:
     mu1, mu2: [D] means.
@@ -288,10 +346,13 @@ def frechet_distance(
       f'Statistics of different feature spaces: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs '
       f'{sigma2.shape}. Were the reference statistics made with the same network?'
     )
+  (w1, v1), (w2, v2) = _psd_eigh(sigma1), _psd_eigh(sigma2)
+  root1, root2 = (v1 * np.sqrt(w1)) @ v1.T, (v2 * np.sqrt(w2)) @ v2.T
   diff = mu1 - mu2
-  return float(
-    diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2)
-  )
+  mean_term, trace1, trace2 = float(diff @ diff), float(np.sum(w1)), float(np.sum(w2))
+  fd = mean_term + trace1 + trace2 - 2.0 * _trace_sqrt_from_roots(root1, root2)
+  round_off = 64 * mu1.shape[0] * np.finfo(np.float64).eps * (mean_term + trace1 + trace2)
+  return 0.0 if -round_off <= fd < 0 else float(fd)
 
 
 def fid_from_statistics(stats1: Statistics, stats2: Statistics) -> float:

@@ -677,6 +677,25 @@ def _result_name(step: int, sampler: str, steps: int, guidance: float, kwargs: d
   return '_'.join(parts)
 
 
+def _digits_result_name(step: int, sampler: str, steps: int, guidance: float, kwargs: dict,
+                        num_images: int = 1000, first_seed: int = 0) -> str:
+  """digits_<step>_<sampler><steps>[_w<g>][_<option><v>][_n<N>][_seed<k>], e.g. digits_00001200_heun18.
+
+  Guidance, sampler options, the number of images and the first seed appear only when they are set
+  (not 0, not the defaults 1000 and 0), so that two evaluations of one checkpoint with different settings
+  never overwrite each other's file and the common case stays short.
+  """
+  parts = [f'digits_{step:08d}', f'{sampler}{steps}']
+  if guidance:
+    parts.append(f'w{_fmt(guidance)}')
+  parts += [f'{k.removeprefix("s_")}{_fmt(v)}' for k, v in sorted(kwargs.items())]
+  if num_images != 1000:
+    parts.append(f'n{num_images}')
+  if first_seed:
+    parts.append(f'seed{first_seed}')
+  return '_'.join(parts)
+
+
 def _is_main() -> bool:
   """Only process 0 writes files; every process computes the same results."""
   import jax
@@ -826,10 +845,13 @@ def evaluate_digits(
 
   Samples `num_images` images from seeds first_seed… with classes cycling (seed mod 10), then
   reports the evaluator's Fréchet distance to the train split, the accuracy of the classifier on
-  the intended classes, and its mean confidence. Writes WORKDIR/eval/digits_<step>.json.
+  the intended classes, and its mean confidence. Writes WORKDIR/eval/<name>.json and a 100-image grid
+  <name>.png, the name saying what was evaluated (see `_digits_result_name`): e.g.
+  digits_00001200_heun18.json, or digits_00001200_heun18_w0p5.json with guidance 0.5.
 
   Returns:
-    The metrics dict (also with 'step', 'sampler', 'num_steps', 'nfe'-relevant settings).
+    The metrics dict (also with 'step', 'sampler', 'num_steps', 'nfe'-relevant settings, and 'json',
+    the path written).
   """
   from diffjax.evaluation import digits_classifier
 
@@ -860,7 +882,10 @@ def evaluate_digits(
   )
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f'digits_{run.step:08d}.json'), 'w') as f:
+  base = os.path.join(out_dir, _digits_result_name(run.step, name, steps, guidance, sampler_kwargs,
+                                                   num_images, first_seed))
+  with open(base + '.json', 'w') as f:
     json.dump(metrics, f, indent=2)
-  images_lib.save_grid(images[:100], os.path.join(out_dir, f'digits_{run.step:08d}.png'), ncols=10)
+  images_lib.save_grid(images[:100], base + '.png', ncols=10)
+  metrics['json'] = base + '.json'
   return metrics

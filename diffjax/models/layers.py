@@ -325,10 +325,18 @@ class GroupNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     h = jnp.asarray(x, jnp.float32).reshape(*x.shape[:-1], groups, c // groups)
     axes = tuple(range(1, h.ndim - 2)) + (h.ndim - 1,)
+    # One pass over h for both moments (var = E[h²] − E[h]²) and the normalization folded into one
+    # per-channel affine h·a + b: XLA:CPU then reads the activation twice instead of four times.
+    # Measured on the DDPM CIFAR-10 U-Net (benchmarks/NOTES.md): forward about +9%, train step
+    # about +15–30%. Shifting h by one of its values first (exact in theory, better conditioned)
+    # cost that gain back, so the cancellation is accepted: it grows like (mean/std)²; the largest
+    # output error measured is 5e-5 for a group mean 5 standard deviations from 0 and 6e-4 at 20
+    # (tests/test_models.py), against ~1e-6 at 0. The clip guards the sign of var.
     mean = h.mean(axis=axes, keepdims=True)
-    var = jnp.square(h - mean).mean(axis=axes, keepdims=True)
-    h = ((h - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-    return (h * scale + bias).astype(self.dtype)
+    var = jnp.maximum(jnp.square(h).mean(axis=axes, keepdims=True) - jnp.square(mean), 0.0)
+    a = jax.lax.rsqrt(var + self.eps) * scale.reshape(groups, c // groups)
+    b = bias.reshape(groups, c // groups) - mean * a
+    return (h * a + b).reshape(x.shape).astype(self.dtype)
 
 
 def group_count(channels: int, num_groups: int = 32, min_channels_per_group: int = 4) -> int:
