@@ -27,7 +27,11 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check diffjax configs tests benchmarks train.py sample.py evaluate.py
 
+# The PyTorch reference side: torch + diffusers, and k-diffusion's sampler module on its own
+# (its package imports torchvision, which has no CPU build here; see benchmarks/bench_torch.py).
 bench: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m pip install --quiet --no-deps k-diffusion==0.1.1.post1
 	$(BIN)/python benchmarks/run.py
 
 clean:

@@ -6,7 +6,7 @@ Presets (EDM config F unless an option changes it):
   cifar10    32×32 CIFAR-10, DDPM++ (55.7M params), batch 512, 200 Mimg, aug p = 0.12
   ffhq64     64×64 FFHQ from an image folder, DDPM++ 64², batch 256, 200 Mimg, aug p = 0.15
   afhqv2_64  64×64 AFHQv2 from an image folder, DDPM++ 64², batch 256, 200 Mimg, aug p = 0.15
-  digits     the built-in 8×8 scikit-learn digits: the CPU quickstart (a few minutes)
+  digits     the built-in 8×8 scikit-learn digits: the CPU quickstart (800 steps, ~7 min)
   tiny       a minute-scale digits run with a tiny network, for tests
 Options:
   cond / uncond   class-conditional (default for cifar10, digits) or not
@@ -56,10 +56,13 @@ def get_config(arg: str | None = None):
     c.optim.lr = 2e-3
     c.optim.lr_rampup_images = 20e3
     c.train.batch_size = 128
-    c.train.total_images = 128 * (1200 if preset == 'digits' else 20)
+    # 800 steps: ~7 min on 2 idle CPU cores. Measured with the digits evaluator (1000 samples,
+    # Heun 18; the real test split scores FD 2.21): step 500 FD 2.72 / accuracy 0.970, step 1000
+    # FD 1.58 / 0.982, step 1200 FD 1.34 / 0.979.
+    c.train.total_images = 128 * (800 if preset == 'digits' else 20)
     c.train.ema_halflife_images = 50e3 if preset == 'digits' else 500.0
     c.train.log_every = 50 if preset == 'digits' else 5
-    c.train.checkpoint_every = 500 if preset == 'digits' else 10
+    c.train.checkpoint_every = 400 if preset == 'digits' else 10
     c.train.sample_every = 400 if preset == 'digits' else 0
     c.train.num_preview = 100 if preset == 'digits' else 8
     c.sample.num_steps = 18 if preset == 'digits' else 4

@@ -143,7 +143,9 @@ def _config_load_error(argv: Sequence[str]) -> str | None:
     return missing
   errors = []
   if _load_config_arg(argv, errors) is None and errors:
-    return f'Cannot load the --config file: {error_message(errors[0])}'
+    where = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '--config')
+    return (f'Cannot load the config {where} ({error_message(errors[0]).rstrip(".")}); fix the '
+            'file or pass another --config.')
   return None
 
 
@@ -204,7 +206,7 @@ def parse_flags(argv: Sequence[str]):
   except Exception as e:  # noqa: BLE001 - every parse failure becomes one sentence.
     if '--debug' in argv:
       raise
-    message = _missing_config_file(argv) or _unknown_override(argv)
+    message = _config_load_error(argv) or _unknown_override(argv)
     if message is None:
       lines = [line.strip() for line in str(e).splitlines() if line.strip()]
       message = lines[-1] if lines else type(e).__name__

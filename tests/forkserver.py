@@ -317,6 +317,8 @@ class Server:
     child = Child(self, rid, os.path.join(self._dir, f'{rid}.out'),
                   os.path.join(self._dir, f'{rid}.err'))
     self._children[rid] = child
+    for path in (child.stdout_path, child.stderr_path):  # readable before the child opens them
+      open(path, 'w').close()
     request = {'id': rid, 'script': os.path.join(ROOT, script), 'argv': [str(a) for a in argv],
                'env': dict(os.environ if env is None else env), 'cwd': cwd or ROOT,
                'stdout': child.stdout_path, 'stderr': child.stderr_path, 'fault': fault}

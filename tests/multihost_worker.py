@@ -19,6 +19,40 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _cache_on_every_process() -> None:
+  """The persistent compilation cache ($DIFFJAX_CACHE), written by every process.
+
+  Both processes must reach each collective within 30 s of each other (gloo's limit), so both
+  must compile, or both load, each executable. JAX writes cache entries only from process 0, but
+  their keys differ per process: process 0 would load what process 1 compiles again (for minutes,
+  here) — also within one run, whose second `loop.train` call traces new functions. So process 1
+  writes its own entries too (its keys are its own; nothing is shared).
+  """
+  import jax
+  from jax._src import compilation_cache, compiler, distributed
+
+  from diffjax import cli
+  cli.enable_compilation_cache()
+  real_write = getattr(compiler, '_cache_write', None)
+  if real_write is None or not hasattr(compilation_cache, 'put_executable_and_time'):
+    # These are JAX internals (0.10); without them, fall back to process 0 compiling each
+    # executable and sending it to process 1 (correct, only slower to start).
+    jax.config.update('jax_enable_compilation_cache', False)
+    jax.config.update('jax_share_binary_between_hosts', True)
+    return
+
+  def cache_write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
+    if distributed.global_state.process_id == 0:
+      return real_write(cache_key, compile_time_secs, module_name, backend, executable,
+                        host_callbacks)
+    if (not host_callbacks and
+        compile_time_secs >= jax.config.jax_persistent_cache_min_compile_time_secs):
+      compilation_cache.put_executable_and_time(cache_key, module_name, executable, backend,
+                                                int(compile_time_secs))
+
+  compiler._cache_write = cache_write
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument('--process_id', type=int, required=True)
@@ -43,12 +77,7 @@ def main() -> None:
   import jax
   jax.config.update('jax_num_cpu_devices', 2)
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  # Process 0 compiles each executable and shares it with process 1 through the distributed
-  # key-value store, so both reach each collective together (gloo waits only 30 s for a peer).
-  # No persistent cache: its keys differ per process and only process 0 writes it, so process 0
-  # would load what process 1 must compile, and a process that hits the cache does not share.
-  jax.config.update('jax_share_binary_between_hosts', True)
-  jax.config.update('jax_enable_compilation_cache', False)
+  _cache_on_every_process()
   from diffjax.training import parallel
   parallel.initialize_distributed(f'127.0.0.1:{args.port}', args.num_processes, args.process_id)
 

@@ -71,6 +71,10 @@ CASES = [
     Case('train-missing-config-file', 'train.py', lambda p: ['--config=configs/nope.py:tiny',
                                                              f'--workdir={p["new"]}'],
          r'Config file configs/nope.py does not exist; pass --config=configs/FILE.py:PRESET'),
+    Case('train-broken-config-file', 'train.py', lambda p: [f'--config={p["broken_config"]}',
+                                                            f'--workdir={p["new"]}'],
+         r"Cannot load the config .*broken.py \(.*was never closed.*\); fix the file or pass "
+         r"another --config\."),
     Case('train-no-workdir', 'train.py', lambda p: TRAIN,
          r'Pass --config=configs/FILE.py:PRESET and --workdir=DIR\.'),
     Case('train-workdir-is-a-file', 'train.py', lambda p: TRAIN + [f'--workdir={p["file"]}'],
@@ -217,6 +221,9 @@ def paths(tmp_path_factory):
   with open(p['deep_net_config'], 'w') as f:
     f.write('from configs import edm\n\n\ndef get_config():\n  c = edm.get_config("tiny")\n'
             '  c.model.kwargs.channel_mult = (1, 2, 2, 2, 2)\n  return c\n')
+  p['broken_config'] = str(root / 'broken.py')
+  with open(p['broken_config'], 'w') as f:
+    f.write('from configs import edm\n\n\ndef get_config():\n  return edm.get_config("tiny"\n')
   return p
 
 
@@ -276,6 +283,7 @@ def test_entry_point_bad_input(case, results, paths):
   assert 'Traceback' not in stderr, stderr[-3000:]
   assert lines and lines[-1].startswith('error: '), stderr[-3000:]
   assert re.search(case.pattern, lines[-1]), lines[-1]
+  print(f'\n{case.id}: exit {child.rc}: {lines[-1]}')
   assert child.rc == case.rc, stderr[-3000:]
   for name in case.keeps + SHARED:
     _unchanged(before[name], _saved(paths[name]))
