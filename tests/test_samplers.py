@@ -404,3 +404,17 @@ def test_guided_sampler_runs_in_a_scan(gaussian_latents):
   np.testing.assert_allclose(fn(gaussian_latents * 80.0),
                              samplers.heun(gaussian_denoiser, gaussian_latents * 80.0,
                                            schedules.karras(6)), rtol=1e-5)
+
+
+def test_heun_on_a_known_grid_peels_the_last_step_and_matches_the_traced_grid():
+  # A grid known at trace time (positive, then 0) runs without lax.cond in the loop; a traced
+  # grid decides per step at run time. Both must give the same samples.
+  sigmas = schedules.karras(6)
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1)) * sigmas[0]
+  denoise = lambda x, sigma: x * 0.25 / (0.25 + sigma.reshape(-1, 1, 1, 1)**2)
+  known = lambda x: samplers.heun(denoise, x, sigmas)
+  traced = lambda x, t: samplers.heun(denoise, x, t)
+  assert 'cond' not in str(jax.make_jaxpr(known)(x))
+  assert 'cond' in str(jax.make_jaxpr(traced)(x, jnp.asarray(sigmas)))
+  np.testing.assert_allclose(jax.jit(known)(x), jax.jit(traced)(x, jnp.asarray(sigmas)),
+                             rtol=1e-6, atol=1e-6)
