@@ -22,3 +22,24 @@ _CACHE = os.environ.get(
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  """A TFDS data dir with the digits prepared, as $TFDS_DATA_DIR for the module (then restored).
+
+  Prepared here, once, before any child process could race to prepare it.
+  """
+  from diffjax.data import digits
+  path = str(tmp_path_factory.mktemp('tfds'))
+  digits.prepare_digits(path)
+  old = os.environ.get('TFDS_DATA_DIR')
+  os.environ['TFDS_DATA_DIR'] = path
+  yield path
+  if old is None:
+    os.environ.pop('TFDS_DATA_DIR', None)
+  else:
+    os.environ['TFDS_DATA_DIR'] = old

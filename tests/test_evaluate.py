@@ -34,18 +34,6 @@ def variables():
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('tfds'))
-  old = os.environ.get('TFDS_DATA_DIR')
-  os.environ['TFDS_DATA_DIR'] = path
-  yield path
-  if old is None:
-    os.environ.pop('TFDS_DATA_DIR', None)
-  else:
-    os.environ['TFDS_DATA_DIR'] = old
-
-
-@pytest.fixture(scope='module')
 def digits(data_dir):
   from diffjax import data
   images, _ = data.load_split_as_array('digits', 'test', data_dir=data_dir)

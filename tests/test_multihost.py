@@ -25,20 +25,6 @@ STEPS, FIRST = 4, 2
 DEADLINE_S = 900  # a safety net against hangs; a cold run takes ~30 s on an idle machine
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  from diffjax.data import digits
-  path = str(tmp_path_factory.mktemp('tfds'))
-  digits.prepare_digits(path)  # once, before two processes could race to prepare it
-  old = os.environ.get('TFDS_DATA_DIR')
-  os.environ['TFDS_DATA_DIR'] = path
-  yield path
-  if old is None:
-    os.environ.pop('TFDS_DATA_DIR', None)
-  else:
-    os.environ['TFDS_DATA_DIR'] = old
-
-
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))

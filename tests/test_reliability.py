@@ -41,20 +41,6 @@ def tiny_config(steps: int = STEPS, **train):
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  from diffjax.data import digits
-  path = str(tmp_path_factory.mktemp('tfds'))
-  digits.prepare_digits(path)  # before any child process could race to prepare it
-  old = os.environ.get('TFDS_DATA_DIR')
-  os.environ['TFDS_DATA_DIR'] = path
-  yield path
-  if old is None:
-    os.environ.pop('TFDS_DATA_DIR', None)
-  else:
-    os.environ['TFDS_DATA_DIR'] = old
-
-
-@pytest.fixture(scope='module')
 def reference(data_dir, tmp_path_factory):
   """An uninterrupted run of STEPS steps that keeps every checkpoint: (workdir, final state)."""
   workdir = str(tmp_path_factory.mktemp('reference') / 'run')
