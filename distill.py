@@ -29,6 +29,7 @@ _NO_PROGRESS = flags.DEFINE_bool('no_progress', False, 'Hide the progress bar.')
 def main(argv):
   del argv
   cli.quiet_logs()
+  cli.tune_xla_cpu()
 
   def run():
     if _CONFIG.value is None or not _WORKDIR.value:

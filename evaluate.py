@@ -164,6 +164,7 @@ def _bpd(runs) -> dict:
 
 def main(argv):
   cli.quiet_logs()
+  cli.tune_xla_cpu()
 
   def run():
     mode = argv[1] if len(argv) > 1 else None

@@ -25,6 +25,7 @@ _DEBUG = flags.DEFINE_bool('debug', False, 'Show full tracebacks.')
 def main(argv):
   del argv
   cli.quiet_logs()
+  cli.tune_xla_cpu()
 
   def run():
     if not _WORKDIR.value:

@@ -152,10 +152,16 @@ def main():
   p.add_argument('--batch', type=int, default=16)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--heun_steps', type=int, default=18)
+  p.add_argument('--no-xla-tuning', action='store_true',
+                 help="Run without diffjax's XLA:CPU flags (cli.tune_xla_cpu), for before/after.")
   args = p.parse_args()
   from diffjax import cli
+  # As the entry points run: the flags must be in place before JAX creates its CPU backend.
+  if not args.no_xla_tuning:
+    cli.tune_xla_cpu()
   cli.enable_compilation_cache()
-  result = {'framework': f'jax {jax.__version__}', 'device': str(jax.devices()[0].device_kind)}
+  result = {'framework': f'jax {jax.__version__}', 'device': str(jax.devices()[0].device_kind),
+            'xla_flags': os.environ.get('XLA_FLAGS', '')}
   result['matmul_gflops'] = matmul_peak()
   shape = (args.batch, 32, 32, 3) if args.preset == 'ddpm_cifar10' else (args.batch, 8, 8, 1)
   result.update(heun_overhead(shape))

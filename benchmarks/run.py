@@ -87,9 +87,12 @@ def main():
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--no-torch', action='store_true', help='Measure diffjax only.')
   p.add_argument('--json', default=None, help='Also write both sides\' figures to this file.')
+  p.add_argument('--no-xla-tuning', action='store_true',
+                 help="diffjax without its XLA:CPU flags (diffjax.cli.tune_xla_cpu): the 'before'.")
   args = p.parse_args()
   common = [f'--batch={args.batch}', f'--dtype={args.dtype}']
-  jx = run_side('bench_jax.py', [f'--preset={args.preset}', *common])
+  jx = run_side('bench_jax.py', [f'--preset={args.preset}', *common,
+                                 *(['--no-xla-tuning'] if args.no_xla_tuning else [])])
   pt = None
   if not args.no_torch and args.preset == 'ddpm_cifar10':
     if torch_available():
@@ -101,6 +104,7 @@ def main():
   widths = [max(len(r[i]) for r in (header, *rows)) for i in range(4)]
   for r in (header, *rows):
     print('  '.join(f'{c:<{w}}' for c, w in zip(r, widths)).rstrip())
+  print(f"diffjax's XLA_FLAGS: {jx.get('xla_flags') or '(none)'}")
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'diffjax': jx, 'pytorch': pt}, f, indent=2)
