@@ -89,8 +89,15 @@ def config_for(preset: str, batch: int, dtype: str):
   return c, spec
 
 
-def measure(preset: str, batch: int, dtype: str, heun_steps: int) -> dict:
-  from diffjax import build, samplers
+def setup(preset: str, batch: int, dtype: str) -> types.SimpleNamespace:
+  """What the figures measure, built as train.py builds it.
+
+  Returns a namespace with: config, spec, network, denoiser, params, x (a [B, H, W, C] batch),
+  labels (one-hot or None), forward (jitted `(params, x) -> D_θ output` at a mid-range noise
+  label), and the library's train step compiled with its state donated: train, state, data, key.
+  The state holds a copy of params, so params stay usable after train steps.
+  """
+  from diffjax import build
   from diffjax.training import state as state_lib
   from diffjax.training import step as step_lib
 
@@ -98,39 +105,64 @@ def measure(preset: str, batch: int, dtype: str, heun_steps: int) -> dict:
   network = build.build_network(config, spec)
   denoiser = build.build_denoiser(config, spec)
   params = build.init_params(network, spec, jax.random.key(1))
-  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   shape = (batch, spec.resolution, spec.resolution, spec.channels)
   x = jax.random.normal(jax.random.key(0), shape)
   labels = (jax.nn.one_hot(jnp.arange(batch) % spec.num_classes, spec.num_classes)
             if network.label_dim else None)
-  out = {'preset': preset, 'params': n_params, 'batch': batch, 'dtype': dtype}
-
-  # Forward: the bare network at a mid-range noise label.
   noise = jnp.full((batch,), 500.0)
   forward = jax.jit(lambda p, x: network.apply({'params': p}, x, noise, labels))
-  compiled = forward.lower(params, x).compile()
-  t = best_time(compiled, params, x)
-  out.update(forward_img_s=batch / t, forward_gflop_per_img=compiled_flops(compiled) / batch / 1e9)
 
-  # Train: the library's step exactly as train.py builds it.
   tx = build.build_optimizer(config)
   objective = build.build_objective(config, spec, denoiser)
   step = step_lib.make_train_step(objective, tx, batch_size=batch,
                                   ema_halflife_images=config.train.ema_halflife_images,
                                   ema_rampup_ratio=config.train.ema_rampup_ratio or None)
-  # A copy: the jitted step donates its state, and `params` is used again below.
   state = state_lib.create_train_state(jax.tree.map(jnp.copy, params), tx,
                                        extra=objective.init_extra())
   data = {'image': x, 'label': jnp.arange(batch) % spec.num_classes}
   key = jax.random.key(2)
   train = jax.jit(step, donate_argnums=0).lower(state, data, key).compile()
-  memory = train.memory_analysis()
-  train_flops = compiled_flops(train)
-  holder = [state]
+  return types.SimpleNamespace(config=config, spec=spec, network=network, denoiser=denoiser,
+                               params=params, x=x, labels=labels, forward=forward, train=train,
+                               state=state, data=data, key=key)
+
+
+def train_runner(s: types.SimpleNamespace):
+  """A no-argument call of one train step that threads the donated state through `s.state`."""
 
   def one_step():
-    holder[0], metrics = train(holder[0], data, key)
+    s.state, metrics = s.train(s.state, s.data, s.key)
     return metrics['loss']
+
+  return one_step
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+  """--preset, --batch, --dtype and --no-xla-tuning, as every benchmark script takes them."""
+  p.add_argument('--preset', default='ddpm_cifar10')
+  p.add_argument('--batch', type=int, default=16)
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--no-xla-tuning', action='store_true',
+                 help="Run without diffjax's XLA:CPU flags (cli.tune_xla_cpu), for before/after.")
+
+
+def measure(preset: str, batch: int, dtype: str, heun_steps: int) -> dict:
+  from diffjax import samplers
+
+  s = setup(preset, batch, dtype)
+  params, x, labels, denoiser = s.params, s.x, s.labels, s.denoiser
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  out = {'preset': preset, 'params': n_params, 'batch': batch, 'dtype': dtype}
+
+  # Forward: the bare network at a mid-range noise label.
+  compiled = s.forward.lower(params, x).compile()
+  t = best_time(compiled, params, x)
+  out.update(forward_img_s=batch / t, forward_gflop_per_img=compiled_flops(compiled) / batch / 1e9)
+
+  # Train: the library's step exactly as train.py builds it.
+  memory = s.train.memory_analysis()
+  train_flops = compiled_flops(s.train)
+  one_step = train_runner(s)
 
   t = best_time(one_step, repeats=3, min_time=3.0)
   out.update(train_img_s=batch / t, train_gflop_per_img=train_flops / batch / 1e9)
@@ -148,12 +180,8 @@ def measure(preset: str, batch: int, dtype: str, heun_steps: int) -> dict:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--preset', default='ddpm_cifar10')
-  p.add_argument('--batch', type=int, default=16)
-  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  add_common_arguments(p)
   p.add_argument('--heun_steps', type=int, default=18)
-  p.add_argument('--no-xla-tuning', action='store_true',
-                 help="Run without diffjax's XLA:CPU flags (cli.tune_xla_cpu), for before/after.")
   args = p.parse_args()
   from diffjax import cli
   # As the entry points run: the flags must be in place before JAX creates its CPU backend.

@@ -27,6 +27,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_jax  # noqa: E402
+
 
 def hlo_instructions(text: str) -> dict[str, tuple[str, str, bool]]:
   """name -> (op, op_name metadata, runs in YNNPACK) for every instruction of a compiled module."""
@@ -62,46 +64,22 @@ def category(name: str, hlo: dict, fusions: dict) -> str:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  bench_jax.add_common_arguments(p)
   p.add_argument('--what', default='train', choices=('train', 'forward'))
-  p.add_argument('--batch', type=int, default=16)
   p.add_argument('--calls', type=int, default=3)
   p.add_argument('--top', type=int, default=25)
-  p.add_argument('--no-xla-tuning', action='store_true')
   args = p.parse_args()
   from diffjax import cli
   if not args.no_xla_tuning:
-    cli.tune_xla_cpu()
+    cli.tune_xla_cpu()  # before the first computation creates the CPU backend
   import jax
-  import jax.numpy as jnp
-  import bench_jax
-  from diffjax import build
-  from diffjax.training import state as state_lib
-  from diffjax.training import step as step_lib
 
-  config, spec = bench_jax.config_for('ddpm_cifar10', args.batch, 'float32')
-  network = build.build_network(config, spec)
-  params = build.init_params(network, spec, jax.random.key(1))
-  x = jax.random.normal(jax.random.key(0), (args.batch, 32, 32, 3))
+  s = bench_jax.setup(args.preset, args.batch, args.dtype)
   if args.what == 'forward':
-    noise = jnp.full((args.batch,), 500.0)
-    compiled = jax.jit(lambda p, x: network.apply({'params': p}, x, noise, None)).lower(
-      params, x).compile()
-    run = lambda: compiled(params, x)
+    compiled = s.forward.lower(s.params, s.x).compile()
+    run = lambda: compiled(s.params, s.x)
   else:
-    denoiser = build.build_denoiser(config, spec)
-    tx = build.build_optimizer(config)
-    objective = build.build_objective(config, spec, denoiser)
-    step = step_lib.make_train_step(objective, tx, batch_size=args.batch,
-                                    ema_halflife_images=config.train.ema_halflife_images,
-                                    ema_rampup_ratio=config.train.ema_rampup_ratio or None)
-    holder = [state_lib.create_train_state(params, tx, extra=objective.init_extra())]
-    data = {'image': x, 'label': jnp.arange(args.batch) % spec.num_classes}
-    key = jax.random.key(2)
-    compiled = jax.jit(step, donate_argnums=0).lower(holder[0], data, key).compile()
-
-    def run():
-      holder[0], metrics = compiled(holder[0], data, key)
-      return metrics['loss']
+    compiled, run = s.train, bench_jax.train_runner(s)
 
   text = compiled.as_text()
   hlo, fusions = hlo_instructions(text), fused_ops(text)

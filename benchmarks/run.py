@@ -25,6 +25,9 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import bench_jax  # noqa: E402
 
 
 def run_side(script: str, args: list[str]) -> dict:
@@ -82,13 +85,9 @@ def table(jx: dict, pt: dict | None) -> list[tuple[str, str, str, str]]:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--preset', default='ddpm_cifar10')
-  p.add_argument('--batch', type=int, default=16)
-  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  bench_jax.add_common_arguments(p)  # importing jax starts no backend or thread pool
   p.add_argument('--no-torch', action='store_true', help='Measure diffjax only.')
   p.add_argument('--json', default=None, help='Also write both sides\' figures to this file.')
-  p.add_argument('--no-xla-tuning', action='store_true',
-                 help="diffjax without its XLA:CPU flags (diffjax.cli.tune_xla_cpu): the 'before'.")
   args = p.parse_args()
   common = [f'--batch={args.batch}', f'--dtype={args.dtype}']
   jx = run_side('bench_jax.py', [f'--preset={args.preset}', *common,
