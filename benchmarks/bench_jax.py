@@ -6,7 +6,8 @@ Measures, for one network preset and batch, in float32 (or bf16 compute with --d
   train                img/s of diffjax's own train step (the config's loss, Adam, clipping, EMA),
                        jitted with the state donated, as train.py runs it
   heun                 img/s of EDM's 18-step Heun sampler (35 network evaluations), one lax.scan
-  overhead             µs per network evaluation of the same sampler with a trivial denoiser
+  overhead             the same sampler with a trivial denoiser, at 18 and 256 steps: µs per network
+                       evaluation (the slope) and µs per call (the intercept)
   memory               XLA's buffer plan of the train step (arguments + outputs + temporaries −
                        aliased) and the process's peak resident memory
 
@@ -60,16 +61,30 @@ def matmul_peak(n: int = 2048) -> float:
   return 2 * n**3 / best_time(f, a) / 1e9
 
 
-def heun_overhead(shape, steps: int = 18) -> dict:
-  """µs per network evaluation of the Heun sampler around a trivial denoiser D(x) = x/2."""
+def split_overhead(t_short: float, nfe_short: int, t_long: float, nfe_long: int) -> dict:
+  """Splits sampler call times t(n) = a + b·n into b per network evaluation and a per call.
+
+  b is what each extra evaluation costs (the sampler's own arithmetic and loop); a is paid once
+  per call (dispatch, and on this VM ~100–200 µs to wake the thread that waits for the result).
+  """
+  per_nfe = (t_long - t_short) / (nfe_long - nfe_short)
+  return {'overhead_us_per_nfe': per_nfe * 1e6,
+          'overhead_call_us': (t_short - per_nfe * nfe_short) * 1e6,
+          'overhead_all_in_us_per_nfe': t_short / nfe_short * 1e6,
+          'nfe': nfe_short, 'overhead_long_nfe': nfe_long}
+
+
+def heun_overhead(shape, steps: int = 18, long_steps: int = 256) -> dict:
+  """Overhead of the Heun sampler around a trivial denoiser D(x) = x/2, at two step counts."""
   from diffjax import samplers, schedules
-  sigmas = jnp.asarray(schedules.karras(steps), jnp.float32)
-  x = jax.random.normal(jax.random.key(0), shape) * sigmas[0]
+  x = jax.random.normal(jax.random.key(0), shape)
   trivial = lambda x, sigma: 0.5 * x
-  sample = jax.jit(lambda x: samplers.heun(trivial, x, sigmas))
-  nfe = 2 * steps - 1
-  return {'overhead_us_per_nfe': best_time(sample, x, repeats=10, min_time=2.0) / nfe * 1e6,
-          'nfe': nfe}
+  times = []
+  for n in (steps, long_steps):
+    sigmas = jnp.asarray(schedules.karras(n), jnp.float32)
+    sample = jax.jit(lambda x, sigmas: samplers.heun(trivial, x * sigmas[0], sigmas))
+    times.append(best_time(sample, x, sigmas, repeats=10, min_time=2.0))
+  return split_overhead(times[0], 2 * steps - 1, times[1], 2 * long_steps - 1)
 
 
 def config_for(preset: str, batch: int, dtype: str):

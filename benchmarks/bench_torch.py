@@ -12,7 +12,8 @@ nothing is downloaded. Measures in float32 (or bf16 autocast with --dtype=bfloat
                   the work diffjax's DDPM train step does
   heun            img/s of EDM's 18-step Heun sampler (35 evaluations) around the UNet, with
                   k-diffusion's `sample_heun` when it can be loaded, else the loop below
-  overhead        µs per evaluation of that sampler with a trivial denoiser D(x) = x/2
+  overhead        that sampler with a trivial denoiser D(x) = x/2 at 18 and 256 steps: µs per
+                  evaluation (the slope) and µs per call (the intercept)
   memory          peak resident memory of this process
 
 k-diffusion 0.1.1's package `__init__` imports torchvision, which has no working CPU build here; its
@@ -27,6 +28,7 @@ Prints one JSON object on the last line of stdout.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -193,12 +195,18 @@ def main():
   with torch.inference_mode():
     out['heun_img_s'] = b / best_time(lambda: sample_heun(denoise, latents, sigmas, disable=True),
                                       repeats=2, min_time=1.0)
+    # The same split as bench_jax.split_overhead: t(n) = a + b·n at 18 and 256 steps.
     trivial = lambda x, sigma: 0.5 * x
-    nfe = 2 * args.heun_steps - 1
-    out['overhead_us_per_nfe'] = best_time(
-        lambda: sample_heun(trivial, latents, sigmas, disable=True), repeats=10,
-        min_time=2.0) / nfe * 1e6
-  out['nfe'] = nfe
+    times = []
+    for n in (args.heun_steps, 256):
+      s = karras_sigmas(n, float(sigma_table[0]), float(sigma_table[-1]))
+      x = torch.randn(b, 3, 32, 32) * s[0]
+      times.append(best_time(functools.partial(sample_heun, trivial, x, s, disable=True),
+                             repeats=10, min_time=2.0))
+  nfe, nfe_long = 2 * args.heun_steps - 1, 2 * 256 - 1
+  per_nfe = (times[1] - times[0]) / (nfe_long - nfe)
+  out.update(overhead_us_per_nfe=per_nfe * 1e6, overhead_call_us=(times[0] - per_nfe * nfe) * 1e6,
+             overhead_all_in_us_per_nfe=times[0] / nfe * 1e6, nfe=nfe, overhead_long_nfe=nfe_long)
   out['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   assert math.isfinite(out['train_img_s'])
   print(json.dumps(out))

@@ -72,7 +72,11 @@ def table(jx: dict, pt: dict | None) -> list[tuple[str, str, str, str]]:
       lambda v, s: f"{v * jx['train_gflop_per_img']:.0f} = "
                    f"{v * jx['train_gflop_per_img'] / peak:.0%}", extra=' ')
   row(f"Heun sampling ({jx['heun_nfe']} NFE)", 'heun_img_s', ips)
-  row('sampler overhead, trivial denoiser', 'overhead_us_per_nfe',
+  row('sampler overhead per NFE, trivial denoiser', 'overhead_us_per_nfe',
+      lambda v, s: f'{v:.1f} µs/NFE', higher_better=False)
+  row('  per call (fixed: dispatch, waking the caller)', 'overhead_call_us',
+      lambda v, s: f'{v:.0f} µs', higher_better=False)
+  row(f"  all in, {jx['nfe']} NFE in one call", 'overhead_all_in_us_per_nfe',
       lambda v, s: f'{v:.1f} µs/NFE', higher_better=False)
   row('train step memory, XLA buffer plan', 'train_xla_bytes', lambda v, s: f'{v / 2**20:.0f} MiB',
       extra=' ')

@@ -129,8 +129,8 @@ def integrate(denoise_fn: DenoiseFn, x: jax.Array, t_steps, *,
   # The state is at least float32 even for a bf16 network: the ODE accumulates small updates.
   x = jnp.asarray(x)
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  # Decided on the grid as given: inside a trace, even converting a constant grid stages it out.
-  peel_last = _ends_at_zero_only(t_steps)
+  # Kept as given: inside a trace, even converting a constant grid stages it out (see _grid_kind).
+  t_steps_given = t_steps
   t_steps = jnp.asarray(t_steps, x.dtype)
   if t_steps.ndim != 1 or t_steps.shape[0] < 2:
     raise ValueError(f'The time grid must be a vector of N + 1 >= 2 times, got shape '
@@ -159,7 +159,7 @@ def integrate(denoise_fn: DenoiseFn, x: jax.Array, t_steps, *,
   def f(x, t):
     return ode_derivative(denoise_flat, x, t, schedule, scaling)
 
-  def step(x_cur, inputs, correct: Optional[bool] = None):
+  def step(x_cur, inputs, correct: str):
     i, t_cur, t_next = inputs
     sigma_cur = schedule.sigma(t_cur)
 
@@ -183,7 +183,7 @@ def integrate(denoise_fn: DenoiseFn, x: jax.Array, t_steps, *,
     h = t_next - t_hat
     d_cur = f(x_hat, t_hat)
     x_euler = x_hat + h * d_cur
-    if solver == 'euler':
+    if solver == 'euler' or correct == 'never':
       return x_euler.astype(x_cur.dtype), None
 
     # Heun's 2nd-order correction, except on a step that lands on t = 0 where σ = 0.
@@ -196,29 +196,41 @@ def integrate(denoise_fn: DenoiseFn, x: jax.Array, t_steps, *,
       # Scalar weights first: one multiply per element fewer than h·((1 − w)·d_cur + w·d_prime).
       return (x_hat + (h * (1.0 - weight)) * d_cur + (h * weight) * d_prime).astype(x_cur.dtype)
 
-    if correct is None:  # only known at run time
-      return lax.cond(t_next > 0, corrected, lambda: x_euler.astype(x_cur.dtype)), None
-    return (corrected() if correct else x_euler.astype(x_cur.dtype)), None
+    if correct == 'always':
+      return corrected(), None
+    if correct == 'select':  # t_next unknown until run time, the 2nd evaluation paid anyway
+      return jnp.where(t_next > 0, corrected(), x_euler.astype(x_cur.dtype)), None
+    # 'cond': unknown until run time, and the 2nd evaluation skipped when t_next = 0.
+    return lax.cond(t_next > 0, corrected, lambda: x_euler.astype(x_cur.dtype)), None
 
+  # A lax.cond inside the scan body splits the step into separate computations and costs 4× the
+  # per-NFE overhead (16.7 against 4.1 µs at 16×32×32×3, benchmarks/NOTES.md), so the body never
+  # has one: on a grid known now, every step but a final one landing on 0 is corrected; on a traced
+  # grid (sigmas passed into a jitted function), the steps before the last select between Euler and
+  # Heun (t_{i+1} > 0 on any decreasing grid but the last, so the select normally keeps Heun), and
+  # only the last step, outside the loop, decides whether to pay the 2nd evaluation.
+  grid = _grid_kind(t_steps_given)
+  body, last_step = {'positive': ('always', 'always'), 'ends_at_zero': ('always', 'never'),
+                     None: ('select', 'cond')}[grid]
   inputs = (jnp.arange(num_steps, dtype=jnp.int32), t_steps[:-1], t_steps[1:])
-  if not peel_last:
-    return lax.scan(step, x, inputs)[0].reshape(image_shape)
-  # The usual grid (positive, then 0): Heun on every step but the last, which is Euler. Peeling the
-  # last step out of the scan removes the lax.cond from the loop body, so XLA fuses the whole step
-  # (per-NFE overhead at 16×32×32×3: 16.7 → see benchmarks/NOTES.md).
   head = jax.tree.map(lambda a: a[:-1], inputs)
   last = jax.tree.map(lambda a: a[-1], inputs)
-  x = lax.scan(functools.partial(step, correct=True), x, head)[0] if num_steps > 1 else x
-  return step(x, last, correct=False)[0].reshape(image_shape)
+  if num_steps > 1:
+    x = lax.scan(functools.partial(step, correct=body), x, head)[0]
+  return step(x, last, correct=last_step)[0].reshape(image_shape)
 
 
-def _ends_at_zero_only(t_steps) -> bool:
-  """Whether the grid is known now (not traced) to be positive except for a final 0."""
+def _grid_kind(t_steps) -> Optional[str]:
+  """'positive', 'ends_at_zero' (positive, then a final 0) for a grid known now; else None."""
   try:
     t = np.asarray(t_steps)
-  except Exception:  # noqa: BLE001 - a tracer: decide per step at run time.
-    return False
-  return bool(t[-1] == 0 and np.all(t[:-1] > 0))
+  except Exception:  # noqa: BLE001 - a tracer: decided per step at run time.
+    return None
+  if np.all(t[1:] > 0):
+    return 'positive'
+  if t[-1] == 0 and np.all(t[1:-1] > 0):
+    return 'ends_at_zero'
+  return None
 
 
 def euler(denoise_fn: DenoiseFn, x: jax.Array, sigmas, *, key=None, s_churn: float = 0.0,
