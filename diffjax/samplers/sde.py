@@ -49,6 +49,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from diffjax import registry
@@ -262,7 +263,8 @@ def probability_flow(denoise_fn: DenoiseFn, latents: jax.Array, keys=None, *, sd
   else:
     if num_steps is None:
       raise ValueError(f'The fixed-step {solver} solver needs num_steps.')
-    t_steps = jnp.linspace(sde.T, epsilon, int(num_steps) + 1, dtype=x.dtype)
+    # A NumPy grid is known at trace time, so ode.integrate's loop needs no run-time branch.
+    t_steps = np.linspace(float(sde.T), epsilon, int(num_steps) + 1)
     x = ode.integrate(denoise_fn, x, t_steps, schedule=schedule, scaling=scaling, solver=solver)
     stats = {'num_steps': jnp.asarray(int(num_steps))}
   if denoise:
