@@ -171,7 +171,7 @@ def measure(preset: str, batch: int, dtype: str, heun_steps: int) -> dict:
 
   # Forward: the bare network at a mid-range noise label.
   compiled = s.forward.lower(params, x).compile()
-  t = best_time(compiled, params, x)
+  t = best_time(compiled, params, x, repeats=3, min_time=9.0)  # ≥ 2 calls a round
   out.update(forward_img_s=batch / t, forward_gflop_per_img=compiled_flops(compiled) / batch / 1e9)
 
   # Train: the library's step exactly as train.py builds it.
