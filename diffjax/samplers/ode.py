@@ -204,7 +204,7 @@ def integrate(denoise_fn: DenoiseFn, x: jax.Array, t_steps, *,
     return lax.cond(t_next > 0, corrected, lambda: x_euler.astype(x_cur.dtype)), None
 
   # A lax.cond inside the scan body splits the step into separate computations and costs 4× the
-  # per-NFE overhead (16.7 against 4.1 µs at 16×32×32×3, benchmarks/NOTES.md), so the body never
+  # per-NFE overhead (22 against 5.5 µs at 16×32×32×3, benchmarks/NOTES.md), so the body never
   # has one: on a grid known now, every step but a final one landing on 0 is corrected; on a traced
   # grid (sigmas passed into a jitted function), the steps before the last select between Euler and
   # Heun (t_{i+1} > 0 on any decreasing grid but the last, so the select normally keeps Heun), and
