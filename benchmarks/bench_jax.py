@@ -30,6 +30,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import overhead  # noqa: E402
+
 
 def best_time(fn, *args, repeats: int = 5, min_time: float = 1.0) -> float:
   """Best mean wall time of fn(*args), blocking on its result, over `repeats` rounds."""
@@ -61,20 +64,7 @@ def matmul_peak(n: int = 2048) -> float:
   return 2 * n**3 / best_time(f, a) / 1e9
 
 
-def split_overhead(t_short: float, nfe_short: int, t_long: float, nfe_long: int) -> dict:
-  """Splits sampler call times t(n) = a + b·n into b per network evaluation and a per call.
-
-  b is what each extra evaluation costs (the sampler's own arithmetic and loop); a is paid once
-  per call (dispatch, and on this VM ~100–200 µs to wake the thread that waits for the result).
-  """
-  per_nfe = (t_long - t_short) / (nfe_long - nfe_short)
-  return {'overhead_us_per_nfe': per_nfe * 1e6,
-          'overhead_call_us': (t_short - per_nfe * nfe_short) * 1e6,
-          'overhead_all_in_us_per_nfe': t_short / nfe_short * 1e6,
-          'nfe': nfe_short, 'overhead_long_nfe': nfe_long}
-
-
-def heun_overhead(shape, steps: int = 18, long_steps: int = 256) -> dict:
+def heun_overhead(shape, steps: int = 18, long_steps: int = overhead.LONG_STEPS) -> dict:
   """Overhead of the Heun sampler around a trivial denoiser D(x) = x/2, at two step counts."""
   from diffjax import samplers, schedules
   x = jax.random.normal(jax.random.key(0), shape)
@@ -84,7 +74,7 @@ def heun_overhead(shape, steps: int = 18, long_steps: int = 256) -> dict:
     sigmas = jnp.asarray(schedules.karras(n), jnp.float32)
     sample = jax.jit(lambda x, sigmas: samplers.heun(trivial, x * sigmas[0], sigmas))
     times.append(best_time(sample, x, sigmas, repeats=10, min_time=2.0))
-  return split_overhead(times[0], 2 * steps - 1, times[1], 2 * long_steps - 1)
+  return overhead.split_overhead(times[0], 2 * steps - 1, times[1], 2 * long_steps - 1)
 
 
 def config_for(preset: str, batch: int, dtype: str):
@@ -207,7 +197,7 @@ def main():
             'xla_flags': os.environ.get('XLA_FLAGS', '')}
   result['matmul_gflops'] = matmul_peak()
   shape = (args.batch, 32, 32, 3) if args.preset == 'ddpm_cifar10' else (args.batch, 8, 8, 1)
-  result.update(heun_overhead(shape))
+  result.update(heun_overhead(shape, args.heun_steps))
   result.update(measure(args.preset, args.batch, args.dtype, args.heun_steps))
   result['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   print(json.dumps(result))

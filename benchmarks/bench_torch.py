@@ -39,6 +39,8 @@ import types
 
 import torch
 
+import overhead  # benchmarks/overhead.py, beside this script
+
 DDPM_CIFAR10 = dict(
     sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
     block_out_channels=(128, 256, 256, 256),
@@ -196,18 +198,16 @@ def main():
   with torch.inference_mode():
     out['heun_img_s'] = b / best_time(lambda: sample_heun(denoise, latents, sigmas, disable=True),
                                       repeats=2, min_time=1.0)
-    # The same split as bench_jax.split_overhead: t(n) = a + b·n at 18 and 256 steps.
+    # The same split as diffjax's side: t(n) = a + b·n at the table's and at LONG_STEPS steps.
     trivial = lambda x, sigma: 0.5 * x
     times = []
-    for n in (args.heun_steps, 256):
+    for n in (args.heun_steps, overhead.LONG_STEPS):
       s = karras_sigmas(n, float(sigma_table[0]), float(sigma_table[-1]))
       x = torch.randn(b, 3, 32, 32) * s[0]
       times.append(best_time(functools.partial(sample_heun, trivial, x, s, disable=True),
                              repeats=10, min_time=2.0))
-  nfe, nfe_long = 2 * args.heun_steps - 1, 2 * 256 - 1
-  per_nfe = (times[1] - times[0]) / (nfe_long - nfe)
-  out.update(overhead_us_per_nfe=per_nfe * 1e6, overhead_call_us=(times[0] - per_nfe * nfe) * 1e6,
-             overhead_all_in_us_per_nfe=times[0] / nfe * 1e6, nfe=nfe, overhead_long_nfe=nfe_long)
+  out.update(overhead.split_overhead(times[0], 2 * args.heun_steps - 1,
+                                     times[1], 2 * overhead.LONG_STEPS - 1))
   out['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   assert math.isfinite(out['train_img_s'])
   print(json.dumps(out))

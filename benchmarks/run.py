@@ -59,7 +59,7 @@ def table(jx: dict, pt: dict | None) -> list[tuple[str, str, str, str]]:
                  fmt(b, pt) if b is not None else '—', extra or ratio))
 
   ips = lambda v, side: f'{v:.2f} img/s'
-  rows.append(('framework', jx['framework'], pt['framework'] if pt else 'not installed', ''))
+  rows.append(('framework', jx['framework'], pt['framework'] if pt else 'not run', ''))
   row('matmul peak (2048², float32)', 'matmul_gflops', lambda v, s: f'{v:.0f} GFLOP/s')
   row('parameters', 'params', lambda v, s: f'{v:,}', extra='equal' if pt and
       pt['params'] == jx['params'] else ('DIFFERENT' if pt else ''))

@@ -27,7 +27,8 @@ def quiet_logs() -> None:
 # convolutions, reductions and elementwise fusions to YNNPACK by default; keeping only the reductions
 # there (its reductions that keep the minor axis run at memory speed, XLA's own emitter is ~15×
 # slower) and leaving convolutions to XLA's Eigen kernels (near the matmul peak, forward and both
-# gradients) gave the DDPM CIFAR-10 U-Net +10% forward and +10–30% train step on the 2-core CPU.
+# gradients) gave the DDPM CIFAR-10 U-Net +14% forward and +19% train step (medians of repeated
+# runs) on the 2-core CPU.
 CPU_XLA_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=reduce',)
 # XLA aborts the process on a flag it does not know, and these are experimental: only jaxlib
 # releases on which they were measured get them.

@@ -59,7 +59,8 @@ def test_tuned_flags_parse_and_move_convolutions_out_of_ynnpack():
       # y is an output too, as a U-Net layer's activation is read again: a conv whose only reader
       # is the reduction may be fused into that reduction's YNNPACK call.
       return y, jnp.sum(y * y, axis=(0, 1, 2))
-    # Compiled, not run; XLA keeps reductions this small (2×8×8×16) in its own loops.
+    # Compiled, not run. At this size XLA hands the reduction to YNNPACK (at 2×8×8×16 it kept it
+    # in its own loops, and the test would have nothing to look for).
     x = jax.ShapeDtypeStruct((4, 16, 16, 64), jnp.float32)
     w = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
     print(jax.jit(f).lower(x, w).compile().as_text())

@@ -129,7 +129,7 @@ def integrate(denoise_fn: DenoiseFn, x: jax.Array, t_steps, *,
   # The state is at least float32 even for a bf16 network: the ODE accumulates small updates.
   x = jnp.asarray(x)
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  # Kept as given: inside a trace, even converting a constant grid stages it out (see _grid_kind).
+  # Kept as given: inside a trace, even converting a constant grid stages it out (_heun_finishes).
   t_steps_given = t_steps
   t_steps = jnp.asarray(t_steps, x.dtype)
   if t_steps.ndim != 1 or t_steps.shape[0] < 2:
@@ -159,7 +159,7 @@ def integrate(denoise_fn: DenoiseFn, x: jax.Array, t_steps, *,
   def f(x, t):
     return ode_derivative(denoise_flat, x, t, schedule, scaling)
 
-  def step(x_cur, inputs, correct: str):
+  def step(x_cur, inputs, finish: Callable):
     i, t_cur, t_next = inputs
     sigma_cur = schedule.sigma(t_cur)
 
@@ -182,9 +182,9 @@ def integrate(denoise_fn: DenoiseFn, x: jax.Array, t_steps, *,
     # Euler step.
     h = t_next - t_hat
     d_cur = f(x_hat, t_hat)
-    x_euler = x_hat + h * d_cur
-    if solver == 'euler' or correct == 'never':
-      return x_euler.astype(x_cur.dtype), None
+    x_euler = (x_hat + h * d_cur).astype(x_cur.dtype)
+    if solver == 'euler':
+      return x_euler, None
 
     # Heun's 2nd-order correction, except on a step that lands on t = 0 where σ = 0.
     def corrected():
@@ -196,12 +196,7 @@ def integrate(denoise_fn: DenoiseFn, x: jax.Array, t_steps, *,
       # Scalar weights first: one multiply per element fewer than h·((1 − w)·d_cur + w·d_prime).
       return (x_hat + (h * (1.0 - weight)) * d_cur + (h * weight) * d_prime).astype(x_cur.dtype)
 
-    if correct == 'always':
-      return corrected(), None
-    if correct == 'select':  # t_next unknown until run time, the 2nd evaluation paid anyway
-      return jnp.where(t_next > 0, corrected(), x_euler.astype(x_cur.dtype)), None
-    # 'cond': unknown until run time, and the 2nd evaluation skipped when t_next = 0.
-    return lax.cond(t_next > 0, corrected, lambda: x_euler.astype(x_cur.dtype)), None
+    return finish(corrected, x_euler, t_next), None
 
   # A lax.cond inside the scan body splits the step into separate computations and costs 4× the
   # per-NFE overhead (22 against 5.5 µs at 16×32×32×3, benchmarks/NOTES.md), so the body never
@@ -209,28 +204,43 @@ def integrate(denoise_fn: DenoiseFn, x: jax.Array, t_steps, *,
   # grid (sigmas passed into a jitted function), the steps before the last select between Euler and
   # Heun (t_{i+1} > 0 on any decreasing grid but the last, so the select normally keeps Heun), and
   # only the last step, outside the loop, decides whether to pay the 2nd evaluation.
-  grid = _grid_kind(t_steps_given)
-  body, last_step = {'positive': ('always', 'always'), 'ends_at_zero': ('always', 'never'),
-                     None: ('select', 'cond')}[grid]
+  body_finish, last_finish = _heun_finishes(t_steps_given)
   inputs = (jnp.arange(num_steps, dtype=jnp.int32), t_steps[:-1], t_steps[1:])
   head = jax.tree.map(lambda a: a[:-1], inputs)
   last = jax.tree.map(lambda a: a[-1], inputs)
   if num_steps > 1:
-    x = lax.scan(functools.partial(step, correct=body), x, head)[0]
-  return step(x, last, correct=last_step)[0].reshape(image_shape)
+    x = lax.scan(functools.partial(step, finish=body_finish), x, head)[0]
+  return step(x, last, finish=last_finish)[0].reshape(image_shape)
 
 
-def _grid_kind(t_steps) -> Optional[str]:
-  """'positive', 'ends_at_zero' (positive, then a final 0) for a grid known now; else None."""
+# How a Heun step ends, given its 2nd-order result as a thunk, its Euler result and t_{i+1}.
+def _take_heun(corrected, x_euler, t_next):
+  return corrected()
+
+
+def _take_euler(corrected, x_euler, t_next):  # the step lands on t = 0, where σ = 0
+  return x_euler
+
+
+def _select_heun_unless_zero(corrected, x_euler, t_next):  # both evaluations paid, no branch
+  return jnp.where(t_next > 0, corrected(), x_euler)
+
+
+def _branch_heun_unless_zero(corrected, x_euler, t_next):  # the 2nd evaluation skipped at t = 0
+  return lax.cond(t_next > 0, corrected, lambda: x_euler)
+
+
+def _heun_finishes(t_steps) -> tuple[Callable, Callable]:
+  """(how the steps before the last end, how the last ends) for this grid, known now or traced."""
   try:
     t = np.asarray(t_steps)
   except Exception:  # noqa: BLE001 - a tracer: decided per step at run time.
-    return None
+    return _select_heun_unless_zero, _branch_heun_unless_zero
   if np.all(t[1:] > 0):
-    return 'positive'
+    return _take_heun, _take_heun
   if t[-1] == 0 and np.all(t[1:-1] > 0):
-    return 'ends_at_zero'
-  return None
+    return _take_heun, _take_euler
+  return _select_heun_unless_zero, _branch_heun_unless_zero
 
 
 def euler(denoise_fn: DenoiseFn, x: jax.Array, sigmas, *, key=None, s_churn: float = 0.0,
