@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine with only Python 3.10+:
 #   make demo  — install into .venv, train the digits quickstart, sample a grid
-#   make test  — install into .venv with test extras, run the test suite
+#   make test  — install into .venv with test extras, check the import layers and ruff, run the tests
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -21,11 +21,13 @@ demo: $(VENV)/.installed
 	$(BIN)/python sample.py --workdir=$(RUN) --seeds=0-99 --out=$(RUN)/final
 	$(BIN)/python evaluate.py digits --workdir=$(RUN)
 
-test: $(VENV)/.installed
+# The layers contract (pyproject's [tool.importlinter]) and ruff first: a crossed layer fails fast.
+test: lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check diffjax configs tests benchmarks train.py sample.py evaluate.py
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/ruff check diffjax configs tests benchmarks scripts train.py sample.py evaluate.py distill.py
 
 # The PyTorch reference side: torch + diffusers, and k-diffusion's sampler module on its own
 # (its package imports torchvision, which has no CPU build here; see benchmarks/bench_torch.py).

@@ -22,14 +22,12 @@ _EVALUATE = flags.DEFINE_bool('evaluate', False, 'Score the finished stages (dig
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 1000, 'Images per evaluation.')
 _GUIDANCE = flags.DEFINE_float('guidance', None, 'Guidance weight w for --evaluate (default: '
                                'config.distill.sample_guidance).')
-_DEBUG = flags.DEFINE_bool('debug', False, 'Show full tracebacks.')
-_NO_PROGRESS = flags.DEFINE_bool('no_progress', False, 'Hide the progress bar.')
+_DEBUG = cli.define_debug()
+_NO_PROGRESS = cli.define_no_progress()
 
 
 def main(argv):
   del argv
-  cli.quiet_logs()
-  cli.tune_xla_cpu()
 
   def run():
     if _CONFIG.value is None or not _WORKDIR.value:
@@ -40,11 +38,10 @@ def main(argv):
                        'presets ending in _teacher are for train.py).')
     if _TEACHER.value:
       config.distill.teacher_workdir = _TEACHER.value
-    from diffjax.training import distill, parallel
-    parallel.initialize_distributed()
-    cli.enable_compilation_cache()
+    from diffjax.training import distill
     if _EVALUATE.value:
-      distill.evaluate_digits(_WORKDIR.value, num_images=_NUM_IMAGES.value,
+      from diffjax.evaluation import distill as distill_eval
+      distill_eval.evaluate_digits(_WORKDIR.value, num_images=_NUM_IMAGES.value,
                               guidance=_GUIDANCE.value)
       return
     report = distill.run(config, _WORKDIR.value, max_steps=_MAX_STEPS.value,
@@ -53,7 +50,7 @@ def main(argv):
         distill.plan(config, _WORKDIR.value))
     print(('Done: ' if done else 'Stopped (rerun to resume): ') + _WORKDIR.value, flush=True)
 
-  raise SystemExit(cli.run(run, _DEBUG.value))
+  cli.main(run, _DEBUG, multihost=True)
 
 
 if __name__ == '__main__':

@@ -59,19 +59,13 @@ _SEEDS = flags.DEFINE_string('seeds', None, 'fid: explicit seeds, e.g. 0-49999 (
 _FIRST_SEED = flags.DEFINE_integer('first_seed', 0, 'Seed of the first image.')
 _PROTOCOL = flags.DEFINE_string('protocol', None, 'fid: edm3 = min FID over three seed sets.')
 _METRICS = flags.DEFINE_string('metrics', 'fid', 'fid: comma-separated subset of fid,is,kid.')
-_SAMPLER = flags.DEFINE_string('sampler', None, 'Sampler name (default: the config\'s).')
-_STEPS = flags.DEFINE_integer('steps', None, 'Sampling steps (default: the config\'s).')
-_CHURN = flags.DEFINE_float('churn', None, 'S_churn of the stochastic EDM sampler.')
-_S_TMIN = flags.DEFINE_float('s_tmin', None, 'S_tmin.')
-_S_TMAX = flags.DEFINE_float('s_tmax', None, 'S_tmax.')
-_S_NOISE = flags.DEFINE_float('s_noise', None, 'S_noise.')
-_GUIDANCE = flags.DEFINE_float('guidance', 0.0, 'Classifier-free guidance weight w.')
+_SAMPLING = cli.define_sampler_flags()
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
 _BATCH = flags.DEFINE_integer('batch', None, 'Images per batch over all devices (fid/ref 128, '
                               'digits 500).')
 _INCEPTION = flags.DEFINE_string('inception', None, 'Path of the FID Inception weights (.pth).')
-_NO_PROGRESS = flags.DEFINE_bool('no_progress', False, 'Hide progress bars (logs, CI).')
-_DEBUG = flags.DEFINE_bool('debug', False, 'Show full tracebacks.')
+_NO_PROGRESS = cli.define_no_progress()
+_DEBUG = cli.define_debug()
 _REPEATS = flags.DEFINE_integer('repeats', 1, 'bpd: passes over the split (fresh dequantization and '
                                 'probes; score_sde uses 5 on the test split).')
 _PROBE = flags.DEFINE_string('probe', 'rademacher', 'bpd: Hutchinson probe rademacher or gaussian, '
@@ -80,76 +74,70 @@ _PROBE = flags.DEFINE_string('probe', 'rademacher', 'bpd: Hutchinson probe radem
 MODES = ('ref', 'fid', 'digits', 'bpd_vlb', 'bpd')
 
 
-def _sampler_options() -> dict:
-  return {k: v for k, v in {'s_churn': _CHURN.value, 's_tmin': _S_TMIN.value,
-                            's_tmax': _S_TMAX.value, 's_noise': _S_NOISE.value}.items()
-          if v is not None}
-
-
-def _ref(runs) -> dict:
+def _ref(ev) -> dict:
   if not _DATASET.value:
     raise ValueError('Pass --dataset=NAME for `evaluate.py ref`.')
   from diffjax import data
   data.get_dataset_spec(_DATASET.value)  # unknown names fail before the weights are read
   out = _OUT.value or f'refs/{_DATASET.value}-{_SPLIT.value}.npz'
-  variables = runs.load_inception(_INCEPTION.value)
-  stats = runs.reference_statistics(
+  variables = ev.load_inception(_INCEPTION.value)
+  stats = ev.reference_statistics(
     _DATASET.value, split=_SPLIT.value, data_dir=_DATA_DIR.value, out=out,
     max_images=_MAX_IMAGES.value, keep_features=_FEATURES.value, batch_size=_BATCH.value or 128,
     inception_variables=variables, progress=not _NO_PROGRESS.value)
   return {'out': out, 'dataset': _DATASET.value, 'split': _SPLIT.value, 'num_images': stats.n}
 
 
-def _fid(runs) -> dict:
+def _fid(ev) -> dict:
   if bool(_WORKDIR.value) == bool(_IMAGES.value):
     raise ValueError('Pass either --workdir=DIR (sample a run) or --images=NPZ_OR_FOLDER, not both.')
-  metrics = runs.parse_metrics(_METRICS.value)
+  metrics = ev.parse_metrics(_METRICS.value)
   # Everything cheap to check is checked before the Inception weights are read or anything sampled.
-  runs.check_reference(_REF.value, need_features='kid' in metrics, split=_SPLIT.value)
+  ev.check_reference(_REF.value, need_features='kid' in metrics, split=_SPLIT.value)
   common = dict(metrics=metrics, split=_SPLIT.value, data_dir=_DATA_DIR.value, out=_OUT.value,
                 batch_size=_BATCH.value or 128, progress=not _NO_PROGRESS.value)
   if _IMAGES.value:
     if _PROTOCOL.value or _SEEDS.value:
       raise ValueError('--protocol and --seeds choose what to sample; they need --workdir, '
                        'not --images.')
-    runs.file_source(_IMAGES.value)
-    variables = runs.load_inception(_INCEPTION.value)
-    return runs.evaluate_images(_IMAGES.value, _REF.value, inception_variables=variables, **common)
+    ev.file_source(_IMAGES.value)
+    variables = ev.load_inception(_INCEPTION.value)
+    return ev.evaluate_images(_IMAGES.value, _REF.value, inception_variables=variables, **common)
   num = 50_000 if _NUM.value is None else _NUM.value
-  from diffjax import build
-  build.read_config(_WORKDIR.value)  # not a run: say so before reading weights
-  runs.seed_sets(num, seeds=_SEEDS.value, first_seed=_FIRST_SEED.value, protocol=_PROTOCOL.value)
-  variables = runs.load_inception(_INCEPTION.value)
-  return runs.evaluate_fid(
+  from diffjax import runs
+  runs.read_config(_WORKDIR.value)  # not a run: say so before reading weights
+  ev.seed_sets(num, seeds=_SEEDS.value, first_seed=_FIRST_SEED.value, protocol=_PROTOCOL.value)
+  variables = ev.load_inception(_INCEPTION.value)
+  return ev.evaluate_fid(
     _WORKDIR.value, _REF.value, num_images=num, seeds=_SEEDS.value, first_seed=_FIRST_SEED.value,
-    protocol=_PROTOCOL.value, sampler=_SAMPLER.value, num_steps=_STEPS.value,
-    guidance=_GUIDANCE.value, step=_STEP.value, inception_variables=variables, **common,
-    **_sampler_options())
+    protocol=_PROTOCOL.value, sampler=_SAMPLING.sampler.value, num_steps=_SAMPLING.steps.value,
+    guidance=_SAMPLING.guidance.value, step=_STEP.value, inception_variables=variables, **common,
+    **_SAMPLING.options())
 
 
-def _digits(runs) -> dict:
+def _digits(ev) -> dict:
   if not _WORKDIR.value:
     raise ValueError('Pass --workdir=DIR of a train.py run.')
-  return runs.evaluate_digits(
+  return ev.evaluate_digits(
     _WORKDIR.value, num_images=1000 if _NUM.value is None else _NUM.value,
-    first_seed=_FIRST_SEED.value, sampler=_SAMPLER.value, num_steps=_STEPS.value,
-    guidance=_GUIDANCE.value, batch_size=_BATCH.value or 500, step=_STEP.value,
-    progress=not _NO_PROGRESS.value, **_sampler_options())
+    first_seed=_FIRST_SEED.value, sampler=_SAMPLING.sampler.value, num_steps=_SAMPLING.steps.value,
+    guidance=_SAMPLING.guidance.value, batch_size=_BATCH.value or 500, step=_STEP.value,
+    progress=not _NO_PROGRESS.value, **_SAMPLING.options())
 
 
-def _bpd_vlb(runs) -> dict:
-  del runs  # the VLB needs no Inception
+def _bpd_vlb(ev) -> dict:
+  del ev  # the VLB needs no Inception
   if not _WORKDIR.value:
     raise ValueError('Pass --workdir=DIR of a train.py run with a discrete (ddpm) model.')
-  from diffjax import likelihood_ddpm
+  from diffjax.evaluation import bpd
   split = _SPLIT.value if flags.FLAGS['split'].present else 'test'
-  return likelihood_ddpm.evaluate_bpd(
+  return bpd.evaluate_bpd_vlb(
     _WORKDIR.value, split=split, num_images=_NUM.value, batch_size=_BATCH.value or 256,
     step=_STEP.value, progress=not _NO_PROGRESS.value, out=_OUT.value)
 
 
-def _bpd(runs) -> dict:
-  del runs  # the likelihood needs no Inception
+def _bpd(ev) -> dict:
+  del ev  # the likelihood needs no Inception
   if not _WORKDIR.value:
     raise ValueError('Pass --workdir=DIR of a train.py run with a continuous-time (sde_*) model.')
   from diffjax.evaluation import bpd
@@ -163,8 +151,6 @@ def _bpd(runs) -> dict:
 
 
 def main(argv):
-  cli.quiet_logs()
-  cli.tune_xla_cpu()
 
   def run():
     mode = argv[1] if len(argv) > 1 else None
@@ -172,13 +158,12 @@ def main(argv):
       given = f'Unknown mode {" ".join(argv[1:])!r}' if mode else 'No mode given'
       raise ValueError(f'{given}; name one of {", ".join(MODES)} first, e.g. '
                        '`evaluate.py fid --workdir=runs/cifar10 --ref=refs/cifar10-train.npz`.')
-    from diffjax.evaluation import runs
-    cli.enable_compilation_cache()
+    from diffjax import evaluation
     result = {'ref': _ref, 'fid': _fid, 'digits': _digits, 'bpd_vlb': _bpd_vlb,
-              'bpd': _bpd}[mode](runs)
+              'bpd': _bpd}[mode](evaluation)
     print(json.dumps(result, indent=2), flush=True)
 
-  raise SystemExit(cli.run(run, _DEBUG.value))
+  cli.main(run, _DEBUG)
 
 
 if __name__ == '__main__':

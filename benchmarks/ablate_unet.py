@@ -81,8 +81,8 @@ def measure(variant: str) -> str:
   _patch(variant)
   import jax
   import jax.numpy as jnp
-
   from bench_jax import best_time, compiled_flops
+
   from diffjax import models
 
   net = models.create_network('ddpm_cifar10', label_dim=0)

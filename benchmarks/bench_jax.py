@@ -66,7 +66,8 @@ def matmul_peak(n: int = 2048) -> float:
 
 def heun_overhead(shape, steps: int = 18, long_steps: int = overhead.LONG_STEPS) -> dict:
   """Overhead of the Heun sampler around a trivial denoiser D(x) = x/2, at two step counts."""
-  from diffjax import samplers, schedules
+  from diffjax import samplers
+  from diffjax.processes import schedules
   x = jax.random.normal(jax.random.key(0), shape)
   trivial = lambda x, sigma: 0.5 * x
   times = []
@@ -103,7 +104,7 @@ def setup(preset: str, batch: int, dtype: str) -> types.SimpleNamespace:
   The state holds a copy of params, so params stay usable after train steps.
   """
   from diffjax import build
-  from diffjax.training import state as state_lib
+  from diffjax import state as state_lib
   from diffjax.training import step as step_lib
 
   config, spec = config_for(preset, batch, dtype)

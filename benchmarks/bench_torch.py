@@ -37,9 +37,8 @@ import sys
 import time
 import types
 
-import torch
-
 import overhead  # benchmarks/overhead.py, beside this script
+import torch
 
 DDPM_CIFAR10 = dict(
     sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
@@ -130,8 +129,8 @@ def main():
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--heun_steps', type=int, default=18)
   args = p.parse_args()
-  from diffusers import UNet2DModel
   import diffusers
+  from diffusers import UNet2DModel
 
   torch.manual_seed(0)
   b = args.batch

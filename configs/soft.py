@@ -121,9 +121,9 @@ def get_config(arg: str | None = None):
   c.soft.update({'blur': _BLUR[preset], 'mask': _MASK, 'identity': _IDENTITY}[corruption])
   c.soft.levels_file = levels_path(preset, corruption)
 
-  from diffjax import corruptions
+  from diffjax.processes import corruptions, soft_levels
   if os.path.exists(c.soft.levels_file):
-    schedule = corruptions.load_schedule(c.soft.levels_file)
+    schedule = soft_levels.load_schedule(c.soft.levels_file)
     schedule.pop('info', None)
   else:
     schedule = corruptions.interpolated_schedule(

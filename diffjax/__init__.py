@@ -4,21 +4,17 @@
     sigmas = dj.schedules.karras(n=18)
     run = dj.load('runs/digits')                 # config, EMA params, denoiser
     x0 = dj.samplers.heun(run.denoise_fn(labels), latents * sigmas[0], sigmas)
+
+The package reads bottom-up (docs/architecture.md): `processes` (noise processes and σ-grids),
+`models` (networks) and `precond` (network → denoiser), `samplers`, `likelihood`, `objectives`,
+`data`, `build` (config → parts), `runs` (the run on disk), `sampling`, `training`, `evaluation`.
 """
 
 __version__ = '0.1.0'
 
-from diffjax import losses, precond, registry, samplers, schedules  # noqa: E402,F401
-from diffjax import corruptions, losses_soft  # noqa: E402,F401  (Soft Diffusion parts)
-
-
-def load(workdir, step=None):
-  """Loads a trained run (see `diffjax.build.load`)."""
-  from diffjax import build
-  return build.load(workdir, step)
-
-
-def sample_run(workdir, seeds, **kwargs):
-  """Samples a trained run to a PNG grid and an .npz (see `diffjax.sampling.sample_run`)."""
-  from diffjax import sampling
-  return sampling.sample_run(workdir, seeds, **kwargs)
+from diffjax import objectives, precond, processes, registry, runs, samplers, sampling  # noqa: F401
+from diffjax.objectives import edm as losses  # noqa: F401  (dj.losses: the EDM-family losses)
+from diffjax.objectives import soft as losses_soft  # noqa: F401
+from diffjax.processes import corruptions, schedules  # noqa: F401
+from diffjax.runs import load  # noqa: F401
+from diffjax.sampling import sample_run  # noqa: F401

@@ -8,23 +8,18 @@ typed keyword arguments, never the config.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from diffjax import losses as losses_lib
-from diffjax import losses_ddpm  # noqa: F401  (registers the 'ddpm' loss and precond)
+from diffjax import models
 from diffjax import precond as precond_lib
 from diffjax import samplers as samplers_lib
-from diffjax.training import state as state_lib
-
-CONFIG_FILE = 'config.json'
-CHECKPOINT_DIR = 'checkpoints'
+from diffjax import state as state_lib
+from diffjax.objectives import base as objectives_base
+from diffjax.objectives import ddpm as losses_ddpm  # noqa: F401  (registers the 'ddpm' loss and precond)
+from diffjax.objectives import edm as losses_lib
 
 
 def _kwargs(node) -> dict:
@@ -47,7 +42,6 @@ def num_classes(config, spec) -> int:
 
 def build_network(config, spec):
   """The Flax network of config.model (a preset plus keyword overrides) for this dataset."""
-  from diffjax import models
   kwargs = _kwargs(config.model.get('kwargs'))
   if 'dtype' in kwargs and isinstance(kwargs['dtype'], str):
     kwargs['dtype'] = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[kwargs['dtype']]
@@ -67,17 +61,16 @@ def build_loss(config) -> losses_lib.DenoisingLoss:
 
 
 def build_objective(config, spec, denoiser: precond_lib.Denoiser):
-  """The `training.step.Objective` of config.loss.
+  """The `objectives.base.Objective` of config.loss.
 
   A registered loss either is a `losses.DenoisingLoss` (the EDM family) or provides
   `objective(denoiser, num_classes=..., augment_fn=...)` itself (other papers' losses).
   """
-  from diffjax.training import step as step_lib
   loss = build_loss(config)
   kwargs = dict(num_classes=num_classes(config, spec), augment_fn=build_augment(config))
   if isinstance(loss, losses_lib.DenoisingLoss):
-    return step_lib.denoising_objective(denoiser, loss, **kwargs)
-  return step_lib.as_objective(loss.objective(denoiser, **kwargs))
+    return losses_lib.denoising_objective(denoiser, loss, **kwargs)
+  return objectives_base.as_objective(loss.objective(denoiser, **kwargs))
 
 
 def build_denoiser(config, spec) -> precond_lib.Denoiser:
@@ -95,7 +88,7 @@ def build_augment(config) -> Optional[Callable]:
   """EDM's non-leaking augmentation with probability config.augment.p, or None when p = 0."""
   if config.augment.p <= 0:
     return None
-  from diffjax.data import augment as augment_lib
+  from diffjax.data import augment as augment_lib  # TensorFlow loads only when data is needed.
   p = float(config.augment.p)
   return lambda key, images: augment_lib.augment(key, images, p=p)
 
@@ -123,97 +116,3 @@ def sampler_fn(config, precond, sampler: Optional[str] = None, num_steps: Option
                      '--steps=N with N >= 1 (or leave it out for the config\'s).')
   return lambda denoise_fn, latents, keys: fn(denoise_fn, latents, keys, precond=precond,
                                               num_steps=steps, **kwargs)
-
-
-def save_config(config, workdir: str) -> None:
-  """Writes config.json into the workdir (what `load` and resumes read back)."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  # Written aside and renamed: a run killed mid-write must not leave a truncated config.json.
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(tmp, path)
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f'{workdir} is not a diffjax run (no {CONFIG_FILE}); pass the --workdir of a train.py run.')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-@dataclasses.dataclass
-class Run:
-  """A trained run, ready to sample from Python.
-
-  Attributes:
-    config: the run's config.
-    step: the checkpoint step that was restored.
-    params, ema_params: the network's raw and EMA parameters.
-    denoiser: the preconditioned network.
-    spec: the dataset spec (resolution, channels, classes).
-  """
-  config: Any
-  step: int
-  params: Any
-  ema_params: Any
-  denoiser: precond_lib.Denoiser
-  spec: Any
-
-  @property
-  def num_classes(self) -> int:
-    return num_classes(self.config, self.spec)
-
-  def denoise_fn(self, class_labels=None, ema: bool = True) -> Callable:
-    """`denoise_fn(x, sigma)` of the EMA (default) or raw params, for the given class labels.
-
-    Args:
-      class_labels: int [B] or one-hot [B, num_classes]; None for an unconditional model.
-    """
-    params = self.ema_params if ema else self.params
-    return self.denoiser.bind(params, self.one_hot(class_labels))
-
-  def one_hot(self, class_labels):
-    if class_labels is None:
-      return None
-    labels = jnp.asarray(class_labels)
-    if labels.ndim == 1:
-      labels = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)
-    return labels
-
-
-def load(workdir: str, step: Optional[int] = None) -> Run:
-  """Loads a trained run: config, EMA params and a ready denoiser (`run.denoise_fn(labels)`).
-
-  Args:
-    workdir: the --workdir of a train.py run.
-    step: a checkpoint step; the newest one that restores by default.
-  """
-  from diffjax.training import checkpoint as ckpt_lib
-  config = read_config(workdir)
-  spec = dataset_spec(config)
-  denoiser = build_denoiser(config, spec)
-  tx = build_optimizer(config)
-
-  objective = build_objective(config, spec, denoiser)
-
-  def make_state():
-    params = init_params(denoiser.network, spec, jax.random.key(0))
-    return state_lib.create_train_state(params, tx, objective.init_extra())
-
-  abstract = jax.eval_shape(make_state)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), async_save=False)
-  try:
-    # An objective may keep state the config cannot rebuild (a distillation round keeps its
-    # teacher's params in TrainState.extra): restore `extra` as it was saved.
-    saved = checkpointer.saved_structure(step)
-    if isinstance(saved, dict) and saved.get('extra'):
-      abstract = abstract.replace(extra=saved['extra'])
-    state, restored_step = checkpointer.restore(abstract, step)
-  finally:
-    checkpointer.close()
-  return Run(config=config, step=restored_step, params=state.params, ema_params=state.ema_params,
-             denoiser=denoiser, spec=spec)

@@ -6,6 +6,7 @@ sample is reproducible whatever the batch size or the number of devices.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Callable, Optional, Sequence
 
@@ -13,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffjax import build, parallel, runs
+from diffjax import images as images_lib
 from diffjax import samplers as samplers_lib
 from diffjax.precond import Denoiser
-from diffjax.training import parallel
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -157,19 +159,15 @@ def sample_run(workdir: str, seeds, *, out: Optional[str] = None, sampler: Optio
   Returns:
     {'images': uint8 [N,H,W,C], 'seeds': [N], 'labels': [N] or None, 'grid': path, 'npz': path}.
   """
-  import os
-
-  from diffjax import build
-  from diffjax import images as images_lib
   seeds = parse_seeds(seeds) if isinstance(seeds, str) else list(seeds)
   # Options are checked against the run's config before its weights are read.
-  config = build.read_config(workdir)
+  config = runs.read_config(workdir)
   spec = build.dataset_spec(config)
   _check_guidance(build.build_network(config, spec), build.num_classes(config, spec), guidance)
   if class_label is not None and not build.num_classes(config, spec):
     raise ValueError('--class needs a class-conditional model; this one is unconditional.')
   default_labels(seeds, build.num_classes(config, spec), class_label)
-  run = build.load(workdir, step)
+  run = runs.load(workdir, step)
   labels = default_labels(seeds, run.num_classes, class_label)
   fn = build.sampler_fn(run.config, run.denoiser.precond, sampler, num_steps, **sampler_kwargs)
   shape = (run.spec.resolution, run.spec.resolution, run.spec.channels)

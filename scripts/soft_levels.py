@@ -6,7 +6,7 @@
 Reads config.data (the dataset) and config.soft (corruption, number of levels and candidates, level
 and noise ranges, p_1 truncation, sample size), fits a diagonal Gaussian to the data in the
 corruption's basis, picks the levels whose consecutive corrupted fits are at most ε apart in W2 with ε
-tuned to give config.soft.num_levels levels (`diffjax.corruptions.wasserstein_schedule`), and writes
+tuned to give config.soft.num_levels levels (`diffjax.processes.corruptions.wasserstein_schedule`), and writes
 config.soft.levels_file (or --out). `configs/soft.py` inlines that file into the run's config.
 It also prints (and stores under info) an audit of the levels: the output variance per coefficient of
 the Momentum and naive samplers, one step per level, driven by the exact model of the data's Gaussian
@@ -23,6 +23,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from diffjax import cli  # noqa: E402
+from diffjax.processes import soft_levels
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Soft Diffusion config: FILE.py:PRESET.')
 _OUT = flags.DEFINE_string('out', None, 'Where to write the levels (default config.soft.levels_file).')
@@ -36,7 +37,7 @@ def main(argv):
   def run():
     import numpy as np
 
-    from diffjax import corruptions, data
+    from diffjax import data
     from diffjax.samplers import momentum
     config = _CONFIG.value
     if config is None or 'soft' not in config:
@@ -45,18 +46,18 @@ def main(argv):
     images, _ = data.load_split_as_array(config.data.name, 'train',
                                          config.data.data_dir or None, int(s.max_images))
     images = np.asarray(images, np.float32) / 127.5 - 1.0  # uint8 → [-1, 1], as training sees it
-    schedule, info = corruptions.wasserstein_schedule(
+    schedule, info = soft_levels.wasserstein_schedule(
         images, s.corruption, num_levels=int(s.num_levels), num_candidates=int(s.num_candidates),
         level_min=float(s.level_min), level_max=float(s.level_max),
         sigma_min=float(s.sigma_min), sigma_max=float(s.sigma_max), p1_tol=float(s.p1_tol))
     # The audit: what the samplers would return, per coefficient, on the data's Gaussian fit with
     # its exact model, in one step per level (see samplers.momentum.gaussian_variance_ratio).
-    fit = corruptions.fit_gaussian(images, s.corruption)
+    fit = soft_levels.fit_gaussian(images, s.corruption)
     audit = {method: momentum.gaussian_variance_ratio(fit, schedule, schedule.num_levels - 1, method)
              for method in momentum.METHODS}
     info.update(dataset=config.data.name, corruption=s.corruption, gaussian_variance_ratio={
         method: [float(r.min()), float(r.max())] for method, r in audit.items()})
-    path = corruptions.save_schedule(_OUT.value or s.levels_file, schedule, info)
+    path = soft_levels.save_schedule(_OUT.value or s.levels_file, schedule, info)
     steps = np.asarray(info['w2_steps'])
     print(f'{config.data.name}: {schedule.num_levels} {s.corruption} levels from '
           f'{info["num_images"]} images, ε = {info["eps"]:.4g} (W2 steps {steps.min():.3g}…'

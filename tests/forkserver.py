@@ -57,8 +57,9 @@ def _preload() -> None:
   import diffjax.sampling  # noqa: F401
   import diffjax.training.loop  # noqa: F401
   try:
-    import diffjax.evaluation.runs  # noqa: F401
     import tensorboardX  # noqa: F401
+
+    import diffjax.evaluation  # noqa: F401
   except ImportError:  # Optional: the child imports it itself.
     pass
   from jax._src import xla_bridge

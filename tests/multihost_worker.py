@@ -78,7 +78,7 @@ def main() -> None:
   jax.config.update('jax_num_cpu_devices', 2)
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   _cache_on_every_process()
-  from diffjax.training import parallel
+  from diffjax import parallel
   parallel.initialize_distributed(f'127.0.0.1:{args.port}', args.num_processes, args.process_id)
 
   import numpy as np

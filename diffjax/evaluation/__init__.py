@@ -1,4 +1,10 @@
-"""Evaluation: FID / KID / IS with the standard Inception-v3, reference statistics, the digits evaluator."""
+"""Evaluation: FID / KID / IS with the standard Inception-v3, reference statistics, the digits evaluator.
+
+Maths in `fid` (moments, Fréchet distance, IS, KID) and `inception` (the network); run-level work in
+`sources` (image sources), `features` (streamed, sharded Inception features), `references` (what a
+FID is measured against, and the metrics), `protocols` (FID of a run, of image sets, the digits
+evaluator), `bpd` (bits/dim of runs) and `distill` (distilled students).
+"""
 
 from diffjax.evaluation.digits_classifier import (
   DIGITS_CLASSIFIER_PATH,
@@ -8,6 +14,12 @@ from diffjax.evaluation.digits_classifier import (
   digits_reference_statistics,
   load_digits_classifier,
   load_digits_split,
+)
+from diffjax.evaluation.features import (
+  Features,
+  generated_features,
+  load_inception,
+  source_features,
 )
 from diffjax.evaluation.fid import (
   Statistics,
@@ -32,34 +44,66 @@ from diffjax.evaluation.inception import (
   make_inception_fn,
   resize_bilinear_tf1,
 )
-from diffjax.evaluation.pth import load_pth
+from diffjax.evaluation.protocols import evaluate_digits, evaluate_fid, evaluate_images, seed_sets
+from diffjax.evaluation.references import (
+  METRICS,
+  Reference,
+  check_reference,
+  compute_metrics,
+  load_reference,
+  parse_metrics,
+  reference_statistics,
+  save_reference,
+)
+from diffjax.evaluation.sources import ImageSource, array_source, dataset_source, file_source
+from diffjax.pth import load_pth
 
 __all__ = [
   'DIGITS_CLASSIFIER_PATH',
+  'Features',
+  'ImageSource',
   'InceptionV3',
+  'METRICS',
+  'Reference',
   'Statistics',
   'StreamingStats',
+  'array_source',
   'batch_moments',
+  'check_reference',
+  'compute_metrics',
+  'dataset_source',
   'digits_features',
   'digits_logits',
   'digits_metrics',
   'digits_reference_statistics',
   'download_inception',
+  'evaluate_digits',
+  'evaluate_fid',
+  'evaluate_images',
   'fid_from_statistics',
+  'file_source',
   'find_inception_weights',
   'frechet_distance',
+  'generated_features',
   'inception_params_from_state_dict',
   'inception_score',
   'inception_state_dict_layout',
   'kernel_inception_distance',
   'load_digits_classifier',
   'load_digits_split',
+  'load_inception',
   'load_inception_params',
   'load_pth',
+  'load_reference',
   'load_statistics',
   'make_inception_fn',
+  'parse_metrics',
   'quantize_images',
+  'reference_statistics',
   'resize_bilinear_tf1',
+  'save_reference',
   'save_statistics',
+  'seed_sets',
+  'source_features',
   'statistics_from_features',
 ]

@@ -3,7 +3,7 @@
     result = evaluate_bpd('runs/sde_digits', split='test')   # {'bpd': mean, 'bpd_stderr': …}
 
 Every example of the split (optionally the first N) is uniformly dequantized and scored with
-`diffjax.likelihood.bpd` under the run's SDE (from its sde_* preconditioning, or EDM's 'vp'/'ve'),
+`diffjax.likelihood.ode.bpd` under the run's SDE (from its sde_* preconditioning, or EDM's 'vp'/'ve'),
 with a Hutchinson–Skilling divergence by default. Batches are sharded over every device (padded to a
 multiple of the device count; the padding is dropped). Example k of repeat r uses the key of seed
 r·N + k, so the result does not depend on the batch size or device count. score_sde averages five
@@ -20,7 +20,17 @@ import os
 import time
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from diffjax import parallel, runs
+from diffjax.likelihood import ode as likelihood
+from diffjax.likelihood.vlb import bits_per_dim
+from diffjax.precond import discrete as precond_discrete
+from diffjax.precond import sde as precond_sde
+from diffjax.processes import sde as sde_lib
+from diffjax.samplers import noise
 
 
 def evaluate_bpd(workdir: str, *, split: str = 'test', num_examples: Optional[int] = None,
@@ -51,19 +61,13 @@ def evaluate_bpd(workdir: str, *, split: str = 'test', num_examples: Optional[in
     {'bpd', 'bpd_stderr', 'bpd_std', 'num_examples', 'repeats', 'mean_solver_steps', 'step',
      'split', 'sde', settings…, 'seconds', 'json'}.
   """
-  import jax
-  import jax.numpy as jnp
-
-  from diffjax import build, data, likelihood
-  from diffjax import sde as sde_lib
-  from diffjax.samplers import noise
-  from diffjax.training import parallel
+  from diffjax import data  # TensorFlow loads only when a dataset is read.
 
   start = time.time()
   if repeats < 1:
     raise ValueError(f'--repeats must be at least 1, got {repeats}.')
-  run = build.load(workdir, step)
-  the_sde = sde_lib.resolve_sde(sde, run.denoiser.precond)
+  run = runs.load(workdir, step)
+  the_sde = precond_sde.resolve_sde(sde, run.denoiser.precond)
   images, labels = data.load_split_as_array(run.config.data.name, split, data_dir, num_examples)
   n = len(images)
   if n == 0:
@@ -127,3 +131,67 @@ def evaluate_bpd(workdir: str, *, split: str = 'test', num_examples: Optional[in
     with open(out, 'w') as f:
       json.dump(result, f, indent=2)
   return result
+
+
+def model_variance(config) -> str:
+  """The reverse variance a run's model was trained with (its config.loss.kwargs.variance)."""
+  kwargs = config.loss.get('kwargs', None) or {}
+  variance = kwargs.get('variance', None)
+  if variance is None:
+    variance = 'learned' if int(config.model.get('out_channel_mult', 1)) == 2 else 'fixed_large'
+  return str(variance)
+
+
+def evaluate_bpd_vlb(workdir: str, *, split: str = 'test', num_images: Optional[int] = None,
+                 batch_size: int = 256, clip_denoised: bool = True, step: Optional[int] = None,
+                 progress: bool = False, out: Optional[str] = None, seed: int = 0) -> dict:
+  """bits/dim of a discrete run on a dataset split (`evaluate.py bpd_vlb`).
+
+  Writes WORKDIR/eval/bpd_vlb_<step>.json (the summary) and .npz (per-t terms, per-image bpd).
+
+  Args:
+    workdir: a train.py run with a discrete ('ddpm' or 'iddpm') preconditioning.
+    split: the dataset split ('test' by default).
+    num_images: evaluate the first N images of the split (all by default).
+    batch_size: global batch size, rounded to a multiple of the device count.
+    clip_denoised: clip x̂_0 to [−1, 1].
+    step: checkpoint step (newest by default).
+    progress: show a progress bar.
+    out: the JSON path (default WORKDIR/eval/bpd_vlb_<step>.json).
+    seed: noise seed.
+
+  Returns:
+    The summary dict (bpd, prior_bpd, vb_bpd, num_images, num_timesteps, step, split, …).
+  """
+  from diffjax import data  # TensorFlow loads only when a dataset is read.
+
+  run = runs.load(workdir, step)
+  schedule = precond_discrete.schedule_of(run.denoiser.precond)
+  variance = model_variance(run.config)
+  mesh = parallel.make_mesh()
+  n_dev = mesh.devices.size
+  batch_size = max(n_dev, (int(batch_size) // n_dev) * n_dev)
+  iterator = data.make_iterator(run.config.data.name, split=split, global_batch_size=batch_size,
+                                seed=0, data_dir=run.config.data.data_dir or None, shuffle=False,
+                                repeat=False, prefetch=0)
+  try:
+    result = bits_per_dim(run.denoiser, run.ema_params, iterator, variance=variance,
+                          schedule=schedule, clip_denoised=clip_denoised,
+                          num_classes=run.num_classes, batch_size=batch_size,
+                          num_images=num_images, mesh=mesh, progress=progress, seed=seed)
+  finally:
+    close = getattr(iterator, 'close', None)
+    if close is not None:
+      close()
+  summary: dict[str, Any] = {k: v for k, v in result.items() if not isinstance(v, np.ndarray)}
+  summary.update(step=run.step, split=split, variance=variance, clip_denoised=clip_denoised,
+                 dataset=run.config.data.name)
+  if jax.process_index() == 0:
+    path = out or os.path.join(workdir, 'eval', f'bpd_vlb_{run.step:08d}.json')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(summary, f, indent=2)
+    np.savez(os.path.splitext(path)[0] + '.npz',
+             **{k: v for k, v in result.items() if isinstance(v, np.ndarray)})
+    summary['out'] = path
+  return summary

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.evaluation.pth import load_pth
+from diffjax.pth import load_pth
 
 __all__ = [
   'INCEPTION_FILENAME',

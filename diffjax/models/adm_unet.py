@@ -38,8 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models.embeddings import positional_embedding
-from diffjax.models.layers import (Conv2d, GroupNorm, Init, Linear, UNetBlock, conv2d,
-                                   weight_init)
+from diffjax.models.layers import Conv2d, GroupNorm, Init, Linear, UNetBlock, conv2d, weight_init
 
 Array = jax.Array
 

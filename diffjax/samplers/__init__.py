@@ -24,14 +24,26 @@ import jax.numpy as jnp
 
 from diffjax import registry
 from diffjax.precond import Preconditioning
-from diffjax.samplers import distilled, guidance, noise, ode
-from diffjax.samplers import ddpm  # noqa: F401  (registers 'ddpm', 'ddim')
-from diffjax.samplers import momentum  # noqa: F401  (registers 'momentum', 'soft_naive')
-from diffjax.samplers import sde  # noqa: F401  (registers 'pc', 'pf_ode')
+from diffjax.samplers import (
+  ddpm,  # noqa: F401  (registers 'ddpm', 'ddim')
+  distilled,
+  guidance,
+  momentum,  # noqa: F401  (registers 'momentum', 'soft_naive')
+  noise,
+  ode,
+  sde,  # noqa: F401  (registers 'pc', 'pf_ode')
+)
 from diffjax.samplers.guidance import combine, guided, guided_batched
 from diffjax.samplers.noise import latents, seed_keys
-from diffjax.samplers.ode import (edm_grid_for, euler, generalized, generalized_setup, heun,
-                                  integrate, ode_derivative)
+from diffjax.samplers.ode import (
+  edm_grid_for,
+  euler,
+  generalized,
+  generalized_setup,
+  heun,
+  integrate,
+  ode_derivative,
+)
 
 __all__ = [
     'combine', 'distilled', 'edm_grid_for', 'euler', 'generalized', 'generalized_setup',

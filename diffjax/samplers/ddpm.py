@@ -29,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from diffjax import discrete, registry
+from diffjax import registry
 from diffjax.precond import Preconditioning
+from diffjax.precond import discrete as precond_discrete
+from diffjax.processes import discrete
 from diffjax.samplers import noise
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -45,7 +47,7 @@ def _model_call(denoise_fn: DenoiseFn, need_extra: bool) -> Callable:
   """(x, σ [B]) -> (D, extra or None), using denoise_fn.raw when the extra channels are needed."""
   if not need_extra:
     return lambda x, sigma: (denoise_fn(x, sigma), None)
-  raw = discrete.denoiser_raw_fn(denoise_fn)
+  raw = precond_discrete.denoiser_raw_fn(denoise_fn)
   if raw is None:
     raise ValueError(
         'variance="learned" needs the network\'s extra output channels, which this denoise_fn '
@@ -180,7 +182,7 @@ def respaced_schedule(precond: Preconditioning, num_steps: int,
   Raises:
     ValueError: when the spec keeps a different number of steps than num_steps.
   """
-  schedule = discrete.schedule_of(precond)
+  schedule = precond_discrete.schedule_of(precond)
   t = schedule.num_steps
   if num_steps < 1 or num_steps > t:
     raise ValueError(f'num_steps must be in [1, {t}] for a {t}-step model, got {num_steps}.')

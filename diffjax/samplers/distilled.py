@@ -40,8 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from diffjax import alpha_sigma, registry
+from diffjax import registry
 from diffjax.precond import Preconditioning
+from diffjax.processes import alpha_sigma
 from diffjax.samplers import noise
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]

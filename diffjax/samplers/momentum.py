@@ -1,6 +1,6 @@
 """Soft Diffusion samplers: the Momentum Sampler (Algorithm 2 of Daras et al. 2022) and the naive one.
 
-Both reverse the forward process x_t = C_t x_0 + σ_t η of `diffjax.corruptions` on the uniform time
+Both reverse the forward process x_t = C_t x_0 + σ_t η of `diffjax.processes.corruptions` on the uniform time
 grid t_i = 1 − i/N, i = 0 … N, in one `lax.scan`. Step t → t' = t − Δt of the Momentum Sampler
 (REFERENCE §5, transcribed from the paper's Algorithm 2):
 
@@ -25,7 +25,7 @@ preconditioning is `corruptions.SoftPreconditioning`. Its `denoise_fn(x, t)` ret
 unchanged, and a non-soft model fails with one sentence.
 
 Start: `latents` (standard normal, stream 0 of each sample's key) become x_1 ~ p_1, the Gaussian fit of
-the fully corrupted data (`SoftSchedule.start`, documented in `diffjax.corruptions`). Step noise comes
+the fully corrupted data (`SoftSchedule.start`, documented in `diffjax.processes.corruptions`). Step noise comes
 from the sample's own key, stream `noise.SOFT_STREAM`, folded with the step index, so image b depends
 on seed b only. The output is x_0 of Algorithm 2 (noise level σ(0) = σ_min remains); with
 `final_denoise=True` one more evaluation returns x̂_0(x_0, 0) instead.
@@ -43,7 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax import registry
-from diffjax.corruptions import GaussianFit, SoftSchedule, multipliers, schedule_of
+from diffjax.precond.soft import schedule_of
+from diffjax.processes.corruptions import SoftSchedule, multipliers
+from diffjax.processes.soft_levels import GaussianFit
 from diffjax.samplers import noise
 
 METHODS = ('momentum', 'naive')

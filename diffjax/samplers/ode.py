@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from diffjax import schedules
 from diffjax.precond import Preconditioning
+from diffjax.processes import schedules
 from diffjax.samplers import noise
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -248,17 +248,7 @@ def euler(denoise_fn: DenoiseFn, x: jax.Array, sigmas, *, key=None, s_churn: flo
           round_sigma: Optional[Callable] = None) -> jax.Array:
   """Euler sampler on a σ-grid (EDM Alg. 2 without the 2nd-order correction); N denoiser calls.
 
-  Args:
-    denoise_fn: D(x [B, ...], σ [B]) -> [B, ...].
-    x: the initial state at sigmas[0], i.e. latents·sigmas[0], [B, ...].
-    sigmas: decreasing noise levels [N + 1] ending in 0 (e.g. `schedules.karras`).
-    key: per-sample keys [B] (preferred: `seed_keys(seeds)`), or one key split over the batch;
-      needed only when s_churn > 0.
-    s_churn, s_tmin, s_tmax, s_noise: stochasticity (EDM Alg. 2); 0 churn is the deterministic ODE.
-    round_sigma: snaps the raised σ̂ to the network's grid (discrete models), or None.
-
-  Returns:
-    The samples x_N [B, ...].
+  The arguments and the result are `heun`'s.
   """
   return integrate(denoise_fn, x, sigmas, solver='euler', keys=key, s_churn=s_churn,
                    s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, round_sigma=round_sigma)

@@ -1,6 +1,6 @@
 """Score SDE samplers (Song et al. 2021, arXiv 2011.13456): predictor-corrector and the PF-ODE.
 
-Both talk to the model only through `denoise_fn(x̃, σ)`; the SDE (`diffjax.sde`) supplies σ(t), s(t),
+Both talk to the model only through `denoise_fn(x̃, σ)`; the SDE (`diffjax.processes.sde`) supplies σ(t), s(t),
 drift and diffusion, and the score in the SDE's scaled coordinates x = s·x̃ is
 ∇_x log p_t(x) = (D(x/s; σ) − x/s)/(s·σ²).
 
@@ -13,7 +13,7 @@ exactly −1/N, as in score_sde. Each step i runs the corrector at t_i, then the
                         (Eq. 6 reversed, Δt = t_i − t_{i+1})
     reverse_diffusion:  x_mean = x − f_i + G_i²·score,   x = x_mean + G_i·z                     (App. E)
                         with the forward step x_i = a·x_{i+1} + G_i·z, f_i = (a − 1)x of
-                        `diffjax.sde.transition`: DDPM's for VP, SMLD's for VE.
+                        `diffjax.processes.sde.transition`: DDPM's for VP, SMLD's for VE.
     ancestral:          x̃ = x/s_i, D = D(x̃; σ_i), the posterior q(x̃_{i+1} | x̃_i, x̃_0 = D):
                         x_mean = s_{i+1}[D + (σ_{i+1}/σ_i)²(x̃ − D)],
                         x = x_mean + s_{i+1}·σ_{i+1}·sqrt(1 − σ_{i+1}²/σ_i²)·z                (App. F)
@@ -35,7 +35,7 @@ the sample's own key (`samplers.noise` streams PREDICTOR_STREAM and CORRECTOR_ST
 step index), so image b depends on seed b alone when the corrector is 'none'.
 
 Probability-flow ODE (Eq. 13, `probability_flow`): dx/dt = f(x, t) − ½g(t)²·∇log p_t(x), which by
-(★) of `diffjax.sde` is EDM's σ-space ODE (`samplers.ode.ode_derivative`) with the SDE's σ(t), s(t).
+(★) of `diffjax.processes.sde` is EDM's σ-space ODE (`samplers.ode.ode_derivative`) with the SDE's σ(t), s(t).
 It is integrated from t = 1 to ε with diffrax (adaptive Tsit5 or Dopri5, rtol/atol; score_sde uses
 scipy's RK45 at 1e-5) or with EDM's fixed-step Euler/Heun (`samplers.ode.integrate`) on the uniform
 time grid, then (denoise=True) x = D(x/s(ε); σ(ε)). The batch is integrated as one system with shared
@@ -53,8 +53,9 @@ import numpy as np
 from jax import lax
 
 from diffjax import registry
-from diffjax import sde as sde_lib
 from diffjax.precond import Preconditioning
+from diffjax.precond import sde as precond_sde
+from diffjax.processes import sde as sde_lib
 from diffjax.samplers import noise, ode
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -288,7 +289,7 @@ def _pc_sampler(denoise_fn, latents, keys=None, *, precond: Optional[Preconditio
   if keys is None:
     raise ValueError('The predictor-corrector sampler is stochastic: pass per-sample keys '
                      '(samplers.seed_keys(seeds)).')
-  return predictor_corrector(denoise_fn, latents, keys, sde=sde_lib.resolve_sde(sde, precond),
+  return predictor_corrector(denoise_fn, latents, keys, sde=precond_sde.resolve_sde(sde, precond),
                              num_steps=num_steps, **options)
 
 
@@ -296,7 +297,7 @@ def _pf_ode_sampler(denoise_fn, latents, keys=None, *, precond: Optional[Precond
                     num_steps: int, sde: Any = None, **options) -> jax.Array:
   """Probability-flow ODE sampler; options: solver, rtol, atol, epsilon, denoise, max_steps (see
   `probability_flow`; num_steps is used by the fixed-step solvers only)."""
-  return probability_flow(denoise_fn, latents, keys, sde=sde_lib.resolve_sde(sde, precond),
+  return probability_flow(denoise_fn, latents, keys, sde=precond_sde.resolve_sde(sde, precond),
                           num_steps=num_steps, **options)
 
 

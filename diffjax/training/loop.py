@@ -23,12 +23,11 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from diffjax import build
+from diffjax import build, parallel, runs, sampling
 from diffjax import images as images_lib
-from diffjax import sampling
-from diffjax.training import checkpoint as ckpt_lib
-from diffjax.training import parallel
-from diffjax.training import state as state_lib
+from diffjax import state as state_lib
+from diffjax.objectives import base as objectives_base
+from diffjax.runs import checkpoint as ckpt_lib
 from diffjax.training import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -171,7 +170,7 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
     workdir: the run's directory: config.json, checkpoints/, metrics.jsonl, samples/.
     max_steps: stop after this global step even if the run is longer (tests, staged runs).
     progress: show a progress bar.
-    objective: a `step.Objective` to train instead of config.loss's (e.g. a distillation target
+    objective: a `objectives.base.Objective` to train instead of config.loss's (e.g. a distillation target
       that closes over a teacher).
     init_params: () -> initial params, instead of a fresh init (e.g. a student that starts from
       its teacher). Ignored when the workdir already has a checkpoint (the run resumes).
@@ -213,7 +212,7 @@ def _train(config, workdir, stop, *, max_steps, progress, objective, init_params
 
   spec = build.dataset_spec(config)
   denoiser = denoiser or build.build_denoiser(config, spec)
-  objective = step_lib.as_objective(objective or build.build_objective(config, spec, denoiser))
+  objective = objectives_base.as_objective(objective or build.build_objective(config, spec, denoiser))
   tx = build.build_optimizer(config)
 
   key_init, key_train = jax.random.split(jax.random.key(int(config.seed)))
@@ -223,7 +222,7 @@ def _train(config, workdir, stop, *, max_steps, progress, objective, init_params
               build.init_params(denoiser.network, spec, key_init))
     return state_lib.create_train_state(params, tx, objective.init_extra())
 
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, build.CHECKPOINT_DIR),
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR),
                                        max_to_keep=int(config.train.keep_checkpoints))
   resources = {}
   try:
@@ -265,7 +264,7 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
       skipped = ''
       if checkpointer.skipped:
         skipped = (f' (step(s) {", ".join(map(str, checkpointer.skipped))} could not be used '
-                   f'and were moved to {build.CHECKPOINT_DIR}/{ckpt_lib.DAMAGED_DIR}/)')
+                   f'and were moved to {runs.CHECKPOINT_DIR}/{ckpt_lib.DAMAGED_DIR}/)')
       print(f'Resuming from step {start} of {workdir}{skipped}.', flush=True)
   else:
     state, start = None, 0
@@ -308,7 +307,7 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
     nonlocal config_saved
     if is_main and not config_saved:
       try:
-        build.save_config(config, workdir)
+        runs.save_config(config, workdir)
       except OSError as e:
         raise _unwritable(workdir, e) from e
     config_saved = True

@@ -10,75 +10,20 @@ draws exactly the noise the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from diffjax import losses as losses_lib
-from diffjax.precond import Denoiser
-from diffjax.training import state as state_lib
+from diffjax import state as state_lib
+from diffjax.objectives import base as objectives_base
 
 
 def all_finite(tree) -> jax.Array:
   """True when every leaf of the pytree is finite."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-class Objective(NamedTuple):
-  """A training objective.
-
-  Attributes:
-    loss: (params, batch, key, extra) -> (scalar loss, aux); `extra` is the objective's own
-      training state (e.g. a loss history), aux any pytree of arrays.
-    init_extra: () -> the initial extra state (a pytree of arrays; {} when there is none). It is
-      part of TrainState, so it is checkpointed and resumed with the params.
-    update_extra: (extra, aux) -> extra after each step; aux comes from the whole global batch, so
-      the result is identical on every device and host.
-  """
-  loss: Callable
-  init_extra: Callable[[], Any] = dict
-  update_extra: Callable[[Any, Any], Any] = lambda extra, aux: extra
-
-
-def as_objective(objective) -> Objective:
-  """Accepts an Objective or a plain `loss_fn(params, batch, key) -> (loss, aux)`."""
-  if isinstance(objective, Objective):
-    return objective
-  return Objective(loss=lambda params, batch, key, extra: objective(params, batch, key))
-
-
-def denoising_objective(denoiser: Denoiser, loss: losses_lib.DenoisingLoss, *,
-                        num_classes: int = 0, augment_fn: Optional[Callable] = None) -> Objective:
-  """The EDM-family objective (EDM Eq. 8 with the loss's p(σ) and λ(σ)).
-
-  Args:
-    denoiser: the preconditioned network.
-    loss: σ distribution and weighting.
-    num_classes: > 0 feeds one-hot class labels to the network.
-    augment_fn: (key, images [B,H,W,C]) -> (images, augment_labels [B, A]) or None.
-  """
-
-  def loss_fn(params, batch, key, extra):
-    del extra  # The EDM family keeps no state between steps.
-    key_aug, key_loss, key_dropout = jax.random.split(key, 3)
-    y = batch['image']
-    class_labels = None
-    if num_classes > 0:
-      class_labels = jax.nn.one_hot(batch['label'], num_classes, dtype=jnp.float32)
-    augment_labels = None
-    if augment_fn is not None:
-      y, augment_labels = augment_fn(key_aug, y)
-
-    def denoise(x, sigma):
-      return denoiser(params, x, sigma, class_labels, augment_labels, train=True,
-                      rngs={'dropout': key_dropout})
-
-    return losses_lib.denoising_loss(denoise, loss, y, key_loss)
-
-  return Objective(loss=loss_fn)
 
 
 def make_train_step(objective, tx: optax.GradientTransformation, *, batch_size: int,
@@ -101,7 +46,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, *, batch_size: 
     grad_norm, finite, ema_beta (and lr).
   """
 
-  objective = as_objective(objective)
+  objective = objectives_base.as_objective(objective)
 
   def train_step(state: state_lib.TrainState, batch, base_key):
     key = jax.random.fold_in(base_key, state.step)

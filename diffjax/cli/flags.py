@@ -1,0 +1,75 @@
+"""The flags the entry points share, defined once: sampler options, workdir, progress, debug.
+
+Each entry point calls the `define_*` functions it needs at import time (absl flags are global),
+then `main(body, debug)` runs its body with the process set-up and one-sentence errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from absl import flags
+
+from diffjax import parallel
+from diffjax.cli import errors, xla
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerFlags:
+  """The sampling flags shared by sample.py and evaluate.py (fid, digits)."""
+  sampler: flags.FlagHolder
+  steps: flags.FlagHolder
+  churn: flags.FlagHolder
+  s_tmin: flags.FlagHolder
+  s_tmax: flags.FlagHolder
+  s_noise: flags.FlagHolder
+  guidance: flags.FlagHolder
+
+  def options(self) -> dict:
+    """The stochastic-sampler options that were given, as the samplers' keyword arguments."""
+    given = {'s_churn': self.churn.value, 's_tmin': self.s_tmin.value,
+             's_tmax': self.s_tmax.value, 's_noise': self.s_noise.value}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def define_sampler_flags() -> SamplerFlags:
+  """--sampler --steps --churn --s_tmin --s_tmax --s_noise --guidance."""
+  return SamplerFlags(
+      sampler=flags.DEFINE_string('sampler', None, 'Sampler name (default: the config\'s).'),
+      steps=flags.DEFINE_integer('steps', None, 'Sampling steps (default: the config\'s).'),
+      churn=flags.DEFINE_float('churn', None, 'S_churn of the stochastic EDM sampler.'),
+      s_tmin=flags.DEFINE_float('s_tmin', None, 'S_tmin.'),
+      s_tmax=flags.DEFINE_float('s_tmax', None, 'S_tmax.'),
+      s_noise=flags.DEFINE_float('s_noise', None, 'S_noise.'),
+      guidance=flags.DEFINE_float('guidance', 0.0, 'Classifier-free guidance weight w.'))
+
+
+def define_debug() -> flags.FlagHolder:
+  return flags.DEFINE_bool('debug', False, 'Show full tracebacks.')
+
+
+def define_no_progress() -> flags.FlagHolder:
+  return flags.DEFINE_bool('no_progress', False, 'Hide progress bars (logs, CI).')
+
+
+def main(body: Callable[[], int | None], debug: flags.FlagHolder, *,
+         multihost: bool = False) -> None:
+  """Runs an entry point's body: quiet logs and XLA:CPU flags first, then (optionally) joining a
+  multi-host run, the compilation cache, and `errors.run`'s one-sentence errors; exits with its code.
+
+  Args:
+    body: the entry point's work; it raises ValueError & co. with a sentence for the user.
+    debug: the --debug flag (full tracebacks).
+    multihost: join a multi-host run (`parallel.initialize_distributed`) before the body.
+  """
+  xla.quiet_logs()
+  xla.tune_xla_cpu()
+
+  def run():
+    if multihost:
+      parallel.initialize_distributed()
+    xla.enable_compilation_cache()
+    return body()
+
+  raise SystemExit(errors.run(run, debug.value))

@@ -1,0 +1,118 @@
+"""The workdir is the run: its config.json, its checkpoints, and `load` of a trained run.
+
+`save_config`/`read_config` write and read the config a run was started with (what resumes,
+`load`, sample.py and evaluate.py read back); `load(workdir)` rebuilds the parts from it through
+`diffjax.build` and restores the newest checkpoint that verifies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from diffjax import build
+from diffjax import precond as precond_lib
+from diffjax import state as state_lib
+from diffjax.runs import checkpoint as ckpt_lib
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+
+
+def save_config(config, workdir: str) -> None:
+  """Writes config.json into the workdir (what `load` and resumes read back)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  # Written aside and renamed: a run killed mid-write must not leave a truncated config.json.
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(tmp, path)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{workdir} is not a diffjax run (no {CONFIG_FILE}); pass the --workdir of a train.py run.')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run, ready to sample from Python.
+
+  Attributes:
+    config: the run's config.
+    step: the checkpoint step that was restored.
+    params, ema_params: the network's raw and EMA parameters.
+    denoiser: the preconditioned network.
+    spec: the dataset spec (resolution, channels, classes).
+  """
+  config: Any
+  step: int
+  params: Any
+  ema_params: Any
+  denoiser: precond_lib.Denoiser
+  spec: Any
+
+  @property
+  def num_classes(self) -> int:
+    return build.num_classes(self.config, self.spec)
+
+  def denoise_fn(self, class_labels=None, ema: bool = True) -> Callable:
+    """`denoise_fn(x, sigma)` of the EMA (default) or raw params, for the given class labels.
+
+    Args:
+      class_labels: int [B] or one-hot [B, num_classes]; None for an unconditional model.
+    """
+    params = self.ema_params if ema else self.params
+    return self.denoiser.bind(params, self.one_hot(class_labels))
+
+  def one_hot(self, class_labels):
+    if class_labels is None:
+      return None
+    labels = jnp.asarray(class_labels)
+    if labels.ndim == 1:
+      labels = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)
+    return labels
+
+
+def load(workdir: str, step: Optional[int] = None) -> Run:
+  """Loads a trained run: config, EMA params and a ready denoiser (`run.denoise_fn(labels)`).
+
+  Args:
+    workdir: the --workdir of a train.py run.
+    step: a checkpoint step; the newest one that restores by default.
+  """
+  config = read_config(workdir)
+  spec = build.dataset_spec(config)
+  denoiser = build.build_denoiser(config, spec)
+  tx = build.build_optimizer(config)
+
+  objective = build.build_objective(config, spec, denoiser)
+
+  def make_state():
+    params = build.init_params(denoiser.network, spec, jax.random.key(0))
+    return state_lib.create_train_state(params, tx, objective.init_extra())
+
+  abstract = jax.eval_shape(make_state)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), async_save=False)
+  try:
+    # An objective may keep state the config cannot rebuild (a distillation round keeps its
+    # teacher's params in TrainState.extra): restore `extra` as it was saved.
+    saved = checkpointer.saved_structure(step)
+    if isinstance(saved, dict) and saved.get('extra'):
+      abstract = abstract.replace(extra=saved['extra'])
+    state, restored_step = checkpointer.restore(abstract, step)
+  finally:
+    checkpointer.close()
+  return Run(config=config, step=restored_step, params=state.params, ema_params=state.ema_params,
+             denoiser=denoiser, spec=spec)
