@@ -10,6 +10,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffjax import cli
+from diffjax.evaluation import distill as distill_eval
+from diffjax.training import distill
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Distillation config: FILE.py:PRESET.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the distillation run.')
@@ -38,9 +40,7 @@ def main(argv):
                        'presets ending in _teacher are for train.py).')
     if _TEACHER.value:
       config.distill.teacher_workdir = _TEACHER.value
-    from diffjax.training import distill
     if _EVALUATE.value:
-      from diffjax.evaluation import distill as distill_eval
       distill_eval.evaluate_digits(_WORKDIR.value, num_images=_NUM_IMAGES.value,
                               guidance=_GUIDANCE.value)
       return

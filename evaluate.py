@@ -40,7 +40,8 @@ import json
 
 from absl import app, flags
 
-from diffjax import cli
+from diffjax import cli, evaluation, runs
+from diffjax.evaluation import bpd
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of a train.py run.')
 _IMAGES = flags.DEFINE_string('images', None, 'fid: an .npz with uint8 `images` or a folder of PNGs, '
@@ -77,7 +78,7 @@ MODES = ('ref', 'fid', 'digits', 'bpd_vlb', 'bpd')
 def _ref(ev) -> dict:
   if not _DATASET.value:
     raise ValueError('Pass --dataset=NAME for `evaluate.py ref`.')
-  from diffjax import data
+  from diffjax import data  # Lazy: tensorflow_datasets loads only when data is read.
   data.get_dataset_spec(_DATASET.value)  # unknown names fail before the weights are read
   out = _OUT.value or f'refs/{_DATASET.value}-{_SPLIT.value}.npz'
   variables = ev.load_inception(_INCEPTION.value)
@@ -104,7 +105,6 @@ def _fid(ev) -> dict:
     variables = ev.load_inception(_INCEPTION.value)
     return ev.evaluate_images(_IMAGES.value, _REF.value, inception_variables=variables, **common)
   num = 50_000 if _NUM.value is None else _NUM.value
-  from diffjax import runs
   runs.read_config(_WORKDIR.value)  # not a run: say so before reading weights
   ev.seed_sets(num, seeds=_SEEDS.value, first_seed=_FIRST_SEED.value, protocol=_PROTOCOL.value)
   variables = ev.load_inception(_INCEPTION.value)
@@ -129,7 +129,6 @@ def _bpd_vlb(ev) -> dict:
   del ev  # the VLB needs no Inception
   if not _WORKDIR.value:
     raise ValueError('Pass --workdir=DIR of a train.py run with a discrete (ddpm) model.')
-  from diffjax.evaluation import bpd
   split = _SPLIT.value if flags.FLAGS['split'].present else 'test'
   return bpd.evaluate_bpd_vlb(
     _WORKDIR.value, split=split, num_images=_NUM.value, batch_size=_BATCH.value or 256,
@@ -140,7 +139,6 @@ def _bpd(ev) -> dict:
   del ev  # the likelihood needs no Inception
   if not _WORKDIR.value:
     raise ValueError('Pass --workdir=DIR of a train.py run with a continuous-time (sde_*) model.')
-  from diffjax.evaluation import bpd
   split = _SPLIT.value if flags.FLAGS['split'].present else 'test'
   exact = _PROBE.value == 'exact'
   return bpd.evaluate_bpd(
@@ -158,7 +156,6 @@ def main(argv):
       given = f'Unknown mode {" ".join(argv[1:])!r}' if mode else 'No mode given'
       raise ValueError(f'{given}; name one of {", ".join(MODES)} first, e.g. '
                        '`evaluate.py fid --workdir=runs/cifar10 --ref=refs/cifar10-train.npz`.')
-    from diffjax import evaluation
     result = {'ref': _ref, 'fid': _fid, 'digits': _digits, 'bpd_vlb': _bpd_vlb,
               'bpd': _bpd}[mode](evaluation)
     print(json.dumps(result, indent=2), flush=True)

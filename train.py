@@ -7,6 +7,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffjax import cli
+from diffjax.training import loop
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config: FILE.py:PRESET.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the run (checkpoints, logs, samples).')
@@ -21,7 +22,6 @@ def main(argv):
   def run():
     if _CONFIG.value is None or not _WORKDIR.value:
       raise ValueError('Pass --config=configs/FILE.py:PRESET and --workdir=DIR.')
-    from diffjax.training import loop
     loop.train(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value,
                progress=not _NO_PROGRESS.value)
     print(f'Done: {_WORKDIR.value}', flush=True)

@@ -41,7 +41,7 @@ Presets:
 Options:
   cond / uncond             class-conditional or not
   blur / mask / identity    the corruption (identity = VE diffusion with the soft samplers)
-  eps_weighted              Soft Score Matching with w(t) = 1/σ_t² instead of 1 (losses_soft)
+  eps_weighted              Soft Score Matching with w(t) = 1/σ_t² instead of 1 (objectives.soft)
 """
 
 from __future__ import annotations

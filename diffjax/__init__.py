@@ -13,8 +13,6 @@ The package reads bottom-up (docs/architecture.md): `processes` (noise processes
 __version__ = '0.1.0'
 
 from diffjax import objectives, precond, processes, registry, runs, samplers, sampling  # noqa: F401
-from diffjax.objectives import edm as losses  # noqa: F401  (dj.losses: the EDM-family losses)
-from diffjax.objectives import soft as losses_soft  # noqa: F401
-from diffjax.processes import corruptions, schedules  # noqa: F401
+from diffjax.processes import schedules  # noqa: F401  (dj.schedules)
 from diffjax.runs import load  # noqa: F401
 from diffjax.sampling import sample_run  # noqa: F401

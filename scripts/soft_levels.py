@@ -6,7 +6,7 @@
 Reads config.data (the dataset) and config.soft (corruption, number of levels and candidates, level
 and noise ranges, p_1 truncation, sample size), fits a diagonal Gaussian to the data in the
 corruption's basis, picks the levels whose consecutive corrupted fits are at most ε apart in W2 with ε
-tuned to give config.soft.num_levels levels (`diffjax.processes.corruptions.wasserstein_schedule`), and writes
+tuned to give config.soft.num_levels levels (`diffjax.processes.soft_levels.wasserstein_schedule`), and writes
 config.soft.levels_file (or --out). `configs/soft.py` inlines that file into the run's config.
 It also prints (and stores under info) an audit of the levels: the output variance per coefficient of
 the Momentum and naive samplers, one step per level, driven by the exact model of the data's Gaussian

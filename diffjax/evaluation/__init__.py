@@ -34,15 +34,14 @@ from diffjax.evaluation.fid import (
   save_statistics,
   statistics_from_features,
 )
-from diffjax.evaluation.inception import (
-  InceptionV3,
+from diffjax.evaluation.inception import InceptionV3, resize_bilinear_tf1
+from diffjax.evaluation.inception_weights import (
   download_inception,
   find_inception_weights,
   inception_params_from_state_dict,
   inception_state_dict_layout,
   load_inception_params,
   make_inception_fn,
-  resize_bilinear_tf1,
 )
 from diffjax.evaluation.protocols import evaluate_digits, evaluate_fid, evaluate_images, seed_sets
 from diffjax.evaluation.references import (

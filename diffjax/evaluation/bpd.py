@@ -61,7 +61,7 @@ def evaluate_bpd(workdir: str, *, split: str = 'test', num_examples: Optional[in
     {'bpd', 'bpd_stderr', 'bpd_std', 'num_examples', 'repeats', 'mean_solver_steps', 'step',
      'split', 'sde', settings…, 'seconds', 'json'}.
   """
-  from diffjax import data  # TensorFlow loads only when a dataset is read.
+  from diffjax import data  # Lazy: tensorflow_datasets loads only when data is read.
 
   start = time.time()
   if repeats < 1:
@@ -163,7 +163,7 @@ def evaluate_bpd_vlb(workdir: str, *, split: str = 'test', num_images: Optional[
   Returns:
     The summary dict (bpd, prior_bpd, vb_bpd, num_images, num_timesteps, step, split, …).
   """
-  from diffjax import data  # TensorFlow loads only when a dataset is read.
+  from diffjax import data  # Lazy: tensorflow_datasets loads only when data is read.
 
   run = runs.load(workdir, step)
   schedule = precond_discrete.schedule_of(run.denoiser.precond)

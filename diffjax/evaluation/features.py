@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from diffjax import build, parallel, sampling
-from diffjax.evaluation import fid, inception
+from diffjax.evaluation import fid, inception_weights
 from diffjax.evaluation.sources import ImageSource, _check_uint8_images
 
 _PREVIEW = 100  # images in the PNG grid written next to a result
@@ -31,7 +31,7 @@ def load_inception(path: Optional[str] = None) -> dict:
     path: the published `.pth`; None searches the default places (`find_inception_weights`, whose
       error says where to put the file).
   """
-  return inception.load_inception_params(path)
+  return inception_weights.load_inception_params(path)
 
 
 _INCEPTION_FNS: dict = {}
@@ -50,7 +50,7 @@ def _inception_fn(variables: Optional[Mapping[str, Any]], outputs: tuple[str, ..
   if key not in _INCEPTION_FNS:
     if len(_INCEPTION_FNS) >= 4:
       _INCEPTION_FNS.pop(next(iter(_INCEPTION_FNS)))
-    fn = inception.make_inception_fn(variables, outputs=outputs, mesh=mesh)
+    fn = inception_weights.make_inception_fn(variables, outputs=outputs, mesh=mesh)
     _INCEPTION_FNS[key] = (variables, fn)
   return _INCEPTION_FNS[key][1]
 

@@ -39,7 +39,7 @@ class Reference:
 
 def _split_dataset_name(ref: str, split: str) -> tuple[str, str] | None:
   """('cifar10', 'train') for 'cifar10' / 'cifar10:train' if that names a registered dataset."""
-  from diffjax import data  # TensorFlow loads only when a dataset is read.
+  from diffjax import data  # Lazy: tensorflow_datasets loads only when data is read.
   name, _, named_split = ref.partition(':')
   if name in data.list_datasets():
     return name, named_split or split
@@ -79,7 +79,7 @@ def check_reference(ref: str, *, need_features: bool = False, split: str = 'trai
                      f'{", ".join(sorted(keys))}).')
   if _split_dataset_name(ref, split) is not None:
     return 'dataset'
-  from diffjax import data  # TensorFlow loads only when a dataset is read.
+  from diffjax import data  # Lazy: tensorflow_datasets loads only when data is read.
   raise FileNotFoundError(
     f'No reference at {ref}: pass statistics made with `evaluate.py ref --dataset=... --out={ref}`, '
     f'an .npz or folder of images, or a dataset name ({", ".join(data.list_datasets())}).'

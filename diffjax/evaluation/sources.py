@@ -124,7 +124,7 @@ def dataset_source(name: str, split: str = 'train', data_dir: Optional[str] = No
     max_images: read at most this many (the first ones).
     batch_size: images per read.
   """
-  from diffjax import data  # TensorFlow loads only when a dataset is read.
+  from diffjax import data  # Lazy: tensorflow_datasets loads only when data is read.
   data.get_dataset_spec(name)  # an unknown name fails here, listing the known ones
   if max_images is not None and max_images < 1:
     raise ValueError(f'--max_images must be positive, got {max_images}.')

@@ -8,7 +8,7 @@ Gaussian decoder at t = 0 and the prior term KL(q(x_T|x_0) ‖ N(0, I)); each te
 dimensions divided by ln 2, so their sum is bits/dim. This is improved-diffusion's `calc_bpd_loop`
 (x̂_0 clipped to [−1, 1] by default, as its image_nll.py).
 
-The batch is sharded over every device (`training.parallel`); image i's noise at step t comes from
+The batch is sharded over every device (`diffjax.parallel`); image i's noise at step t comes from
 `fold_in(seed_keys(i), t)`, so the result does not depend on the batch size or the device count.
 `evaluate_bpd(workdir)` is `evaluate.py bpd_vlb`.
 """

@@ -1,6 +1,6 @@
 """DDPM and Improved DDPM training objectives (Ho et al. 2020; Nichol & Dhariwal 2021).
 
-A discrete model is a `precond.Denoiser` with the 'ddpm' preconditioning (`precond_discrete.make_ddpm`), so
+A discrete model is a `precond.Denoiser` with the 'ddpm' preconditioning (`precond.discrete.make_ddpm`), so
 D(x; σ_t) = x − σ_t·ε̂ and x̂_0 = D: ε-prediction, its x̂_0 and the posterior all come from D.
 
     L_simple = E_{t, x_0, ε} ‖ε − ε̂(x_t, t)‖²  (mean over pixels)                      (DDPM Eq. 14)
@@ -30,14 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax import registry
-from diffjax.likelihood.vlb import (  # noqa: F401
-  _mean_flat,
-  discretized_gaussian_log_likelihood,
-  model_outputs,
-  normal_kl,
-  prior_bpd,
-  vb_terms_bpd,
-)
+from diffjax.likelihood.vlb import _mean_flat, model_outputs, vb_terms_bpd
 from diffjax.objectives.base import Objective, conditioned_batch
 from diffjax.precond import Denoiser
 from diffjax.precond import discrete as precond_discrete

@@ -110,7 +110,7 @@ class SoftScoreMatching:
     """The training objective of `denoiser` (whose precond must be the 'soft' one).
 
     Args:
-      denoiser: `precond.Denoiser` with a `corruptions.SoftPreconditioning`.
+      denoiser: `precond.Denoiser` with a `precond.soft.SoftPreconditioning`.
       num_classes: > 0 feeds one-hot class labels to the network.
       augment_fn: (key, images) -> (images, augment_labels) or None.
 

@@ -30,7 +30,7 @@ class SoftPreconditioning(Preconditioning):
 
   With it `precond.Denoiser(network, precond)` is x̂_0(x_t, t) = x_t + φ_θ(x_t, t): the second
   argument of its `denoise_fn(x, level)` is the **diffusion time t ∈ [0, 1]**, not an EDM σ
-  (sigma_min = 0 and sigma_max = 1 record that range). The Soft Score Matching loss (`losses_soft`)
+  (sigma_min = 0 and sigma_max = 1 record that range). The Soft Score Matching loss (`objectives.soft`)
   and the Momentum/naive samplers (`samplers.momentum`) read the corruption and noise schedule from
   `schedule`, so one config entry (config.precond.kwargs) defines the process for training and
   sampling alike. EDM's σ-grid samplers do not apply to such a model.

@@ -18,7 +18,7 @@ So every α-σ parameterization is a *preconditioning* of the one `Denoiser` (RE
     v-prediction    x̂ = α_t z − σ_t v̂ = α² x_EDM − σ_t v̂     (c_skip = α², c_out = −σ_t)
     both            x̂ = σ_t² x̃ + α_t(z − σ_t ε̃)              (two output channel groups [x̃, ε̃])
 
-and the losses are `losses.DenoisingLoss`es: t ~ U[0, 1], weighted on ‖x − x̂‖² by the truncated SNR
+and the losses are `objectives.edm.DenoisingLoss`es (`objectives.alpha_sigma`): t ~ U[0, 1], weighted on ‖x − x̂‖² by the truncated SNR
 max(SNR, 1) (every released config of the paper) or SNR + 1 (= v-MSE); SNR = α_t²/σ_t² = 1/σ².
 
 The DDIM step t → s (Song et al. 2021, PD Eq. 3) is z_s = α_s x̂ + σ_s (z_t − α_t x̂)/σ_t; in σ-space

@@ -18,7 +18,7 @@ naive sampler re-corrupts the estimate from scratch, x_{t'} = C_{t'} x̂_0 + σ_
 
 How these samplers meet the common interface `sampler(denoise_fn, latents, keys, *, precond,
 num_steps, **options)` — the adapter: a Soft Diffusion model is a `precond.Denoiser` whose
-preconditioning is `corruptions.SoftPreconditioning`. Its `denoise_fn(x, t)` returns x̂_0 and takes the
+preconditioning is `precond.soft.SoftPreconditioning`. Its `denoise_fn(x, t)` returns x̂_0 and takes the
 **diffusion time t ∈ [0, 1]** (a [B] vector) where EDM models take σ, and the preconditioning carries the
 `SoftSchedule` (C_t, σ_t, p_1). So the samplers read the process from `precond.schedule` and call
 `denoise_fn(x, t)`; everything that wraps a denoise_fn linearly (classifier-free guidance) works
@@ -145,7 +145,7 @@ def gaussian_variance_ratio(fit: GaussianFit, schedule: SoftSchedule, num_steps:
   (e.g. a mode created from a single prediction in one step keeps only a fraction of its variance).
 
   Args:
-    fit: the data's diagonal Gaussian fit (`corruptions.fit_gaussian`); only the std is used.
+    fit: the data's diagonal Gaussian fit (`processes.soft_levels.fit_gaussian`); only the std is used.
     schedule: the forward process.
     num_steps: N steps on the sampler's grid t_i = 1 − i/N.
     method: 'momentum' or 'naive'.

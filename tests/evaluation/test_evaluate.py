@@ -1,4 +1,4 @@
-"""evaluate.py and diffjax.evaluation.runs: reference statistics, FID of runs and image sets, errors.
+"""evaluate.py and diffjax.evaluation (sources, features, references, protocols): reference statistics, FID of runs and image sets, errors.
 
 The published Inception weights can't be downloaded here, so every Inception call uses the seeded
 random weights of the golden fixture (`tests/golden/inception_weights.py`); the plumbing (streaming,
@@ -19,7 +19,7 @@ from diffjax import evaluation as ev
 from diffjax import runs
 from diffjax.evaluation import features as features_lib
 from diffjax.evaluation import fid as fidlib
-from diffjax.evaluation import inception, protocols
+from diffjax.evaluation import inception_weights, protocols
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / 'tests' / 'golden'))
@@ -30,8 +30,8 @@ BATCH = 4  # every Inception call in this file has this batch, so the network co
 
 @pytest.fixture(scope='module')
 def variables():
-  return inception.inception_params_from_state_dict(
-    golden_state_dict(inception.inception_state_dict_layout()))
+  return inception_weights.inception_params_from_state_dict(
+    golden_state_dict(inception_weights.inception_state_dict_layout()))
 
 
 @pytest.fixture(scope='module')

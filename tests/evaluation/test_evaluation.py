@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffjax.evaluation import digits_classifier as dc
 from diffjax.evaluation import fid as fidlib
-from diffjax.evaluation import inception
+from diffjax.evaluation import inception, inception_weights
 from diffjax.pth import load_pth
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[1] / 'golden'
@@ -90,15 +90,15 @@ def test_state_dict_layout_matches_published_file(golden):
   names = [str(n) for n in golden['layout_names']]
   shapes = [tuple(int(s) for s in row if s >= 0) for row in golden['layout_shapes']]
   published = {n: s for n, s in zip(names, shapes) if not n.endswith('num_batches_tracked')}
-  assert inception.inception_state_dict_layout() == published
+  assert inception_weights.inception_state_dict_layout() == published
 
 
 @pytest.fixture(scope='module')
 def golden_inception_fn():
-  variables = inception.inception_params_from_state_dict(
-    golden_state_dict(inception.inception_state_dict_layout())
+  variables = inception_weights.inception_params_from_state_dict(
+    golden_state_dict(inception_weights.inception_state_dict_layout())
   )
-  return inception.make_inception_fn(variables, outputs=('pool3', 'logits_unbiased', 'logits'))
+  return inception_weights.make_inception_fn(variables, outputs=('pool3', 'logits_unbiased', 'logits'))
 
 
 @pytest.mark.parametrize('size', [32, 64])
@@ -116,17 +116,17 @@ def test_inception_matches_torch_fidelity(golden, golden_inception_fn, size):
 
 
 def test_inception_converter_rejects_other_files():
-  layout = inception.inception_state_dict_layout()
+  layout = inception_weights.inception_state_dict_layout()
   sd = {k: np.zeros(s, np.float32) for k, s in layout.items()}
   del sd['Mixed_6b.branch7x7_2.conv.weight']
   sd['fc.weight'] = np.zeros((1000, 2048), np.float32)
   with pytest.raises(ValueError, match='Mixed_6b.branch7x7_2.conv.weight') as e:
-    inception.inception_params_from_state_dict(sd)
+    inception_weights.inception_params_from_state_dict(sd)
   assert 'fc.weight' in str(e.value)
   # DataParallel prefixes and torch's BN counters are tolerated.
   sd = {'module.' + k: np.zeros(s, np.float32) for k, s in layout.items()}
   sd['module.fc.num_batches_tracked'] = np.int64(0)
-  variables = inception.inception_params_from_state_dict(sd)
+  variables = inception_weights.inception_params_from_state_dict(sd)
   assert variables['params']['Mixed_5b']['branch5x5_2']['conv']['kernel'].shape == (5, 5, 48, 64)
   assert variables['params']['fc']['kernel'].shape == (2048, 1008)
 
@@ -183,7 +183,7 @@ def test_tf1_resize_to_299_matches_formula_and_torch_fidelity(golden):
 
 def test_missing_weights_say_where_to_put_them(tmp_path):
   with pytest.raises(FileNotFoundError, match='weights-inception-2015-12-05-6726825d.pth') as e:
-    inception.find_inception_weights(tmp_path / 'nope.pth')
+    inception_weights.find_inception_weights(tmp_path / 'nope.pth')
   assert inception.INCEPTION_URL in str(e.value) and 'DIFFJAX_INCEPTION_WEIGHTS' in str(e.value)
 
 
@@ -193,21 +193,21 @@ def test_download_verifies_checksum(tmp_path):
   src = tmp_path / 'src.pth'
   src.write_bytes(b'not really inception weights' * 100)
   digest = hashlib.sha256(src.read_bytes()).hexdigest()
-  inception.verify_sha256(src, digest)
-  inception.verify_sha256(src, digest[:8])  # torch.hub-style prefix
+  inception_weights.verify_sha256(src, digest)
+  inception_weights.verify_sha256(src, digest[:8])  # torch.hub-style prefix
   with pytest.raises(ValueError, match='Checksum mismatch'):
-    inception.verify_sha256(src, '0' * 64)
+    inception_weights.verify_sha256(src, '0' * 64)
   # A file:// URL exercises the download path with no network.
   dst = tmp_path / 'cache' / 'weights.pth'
   with pytest.raises(ValueError, match='Checksum mismatch'):
-    inception.download_inception(dst, url=src.as_uri(), sha256='deadbeef')
+    inception_weights.download_inception(dst, url=src.as_uri(), sha256='deadbeef')
   assert not dst.exists() and not list(
     dst.parent.glob('*.part')
   )  # nothing half-written is left behind
-  assert inception.download_inception(dst, url=src.as_uri(), sha256=digest[:8]) == str(dst)
+  assert inception_weights.download_inception(dst, url=src.as_uri(), sha256=digest[:8]) == str(dst)
   assert dst.read_bytes() == src.read_bytes()
   # An existing file is checked, not downloaded again.
-  assert inception.download_inception(dst, url='http://invalid.invalid/x', sha256=digest) == str(
+  assert inception_weights.download_inception(dst, url='http://invalid.invalid/x', sha256=digest) == str(
     dst
   )
 

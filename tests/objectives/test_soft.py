@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from diffjax import precond, registry, samplers
-from diffjax.objectives import soft as losses_soft
+from diffjax.objectives import soft as soft_lib
 from diffjax.precond import soft as precond_soft
 from diffjax.processes import corruptions as C
 from diffjax.processes import soft_levels
@@ -134,7 +134,7 @@ def test_soft_score_matching_is_minimized_by_the_exact_posterior_mean():
   def loss(theta, weighting='none'):
     a, b = theta[:H * W].reshape(H, W, 1), theta[H * W:].reshape(H, W, 1)
     model = lambda x, tt: C.from_basis(a * C.to_basis(x, 'dct') + b, 'dct')
-    return losses_soft.soft_score_matching(model, schedule, x0, key, weighting=weighting, t=ts)[0]
+    return soft_lib.soft_score_matching(model, schedule, x0, key, weighting=weighting, t=ts)[0]
 
   theta0 = jnp.zeros(2 * H * W)
   g, hess = jax.jit(lambda th: (jax.grad(loss)(th), jax.hessian(loss)(th)))(theta0)

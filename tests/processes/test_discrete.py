@@ -15,7 +15,8 @@ import pytest
 
 from configs import iddpm as iddpm_configs
 from diffjax import precond, registry
-from diffjax.objectives import ddpm as losses_ddpm
+from diffjax.likelihood import vlb
+from diffjax.objectives import ddpm as ddpm_lib
 from diffjax.precond import Denoiser
 from diffjax.precond import discrete as precond_discrete
 from diffjax.processes import discrete, schedules
@@ -116,7 +117,7 @@ def test_ddpm_precond_is_iddpm_grid_with_step_index():
 S = 0.5  # data std
 S200 = discrete.make_schedule('cosine', 200)
 # Jitted once: eager evaluation would compile every primitive of the bound separately.
-vb_terms_200 = jax.jit(lambda *args: losses_ddpm.vb_terms_bpd(S200, *args))
+vb_terms_200 = jax.jit(lambda *args: vlb.vb_terms_bpd(S200, *args))
 
 
 def _gaussian_setup(schedule, t, n=256, dims=64, seed=0):
@@ -160,7 +161,7 @@ def test_kl_terms_equal_closed_form_float64(t):
 
 def test_decoder_sums_to_one_over_the_256_bins():
   bins = jnp.arange(256, dtype=jnp.float32) / 127.5 - 1.0
-  decoder = jax.jit(losses_ddpm.discretized_gaussian_log_likelihood)
+  decoder = jax.jit(vlb.discretized_gaussian_log_likelihood)
   for mean, log_scale in [(0.0, -3.0), (0.37, -6.5), (-0.99, -2.0), (0.5, 0.5), (1.2, -4.0)]:
     log_p = decoder(bins, mean, log_scale)
     assert abs(float(jnp.sum(jnp.exp(log_p))) - 1.0) < 2e-6
@@ -186,7 +187,7 @@ def test_decoder_term_at_t0_and_prior_term():
   np.testing.assert_allclose(vb, per_dim.reshape(4, -1).mean(axis=1), rtol=1e-4)
   ab = s.alphas_cumprod[-1]
   expected = 0.5 * (-1 - np.log1p(-ab) + (1 - ab) + ab * y.astype(np.float64)**2) / LN2
-  np.testing.assert_allclose(losses_ddpm.prior_bpd(s, jnp.asarray(y)),
+  np.testing.assert_allclose(vlb.prior_bpd(s, jnp.asarray(y)),
                              expected.reshape(4, -1).mean(axis=1), rtol=1e-4, atol=1e-9)
 
 
@@ -213,7 +214,7 @@ def _terms_of_network_output(schedule, loss_type, y, xt, t, noise):
   def fn(f):
     eps, v = f[..., :1], f[..., 1:]
     d = x - sigma * eps  # D = c_skip·x + c_out·F with c_skip = 1, c_out = −σ
-    terms = losses_ddpm.per_example_terms(schedule, y, xt, t, noise, eps, d, v,
+    terms = ddpm_lib.per_example_terms(schedule, y, xt, t, noise, eps, d, v,
                                           loss_type=loss_type, variance='learned')
     return terms
 
@@ -252,7 +253,7 @@ def test_hybrid_vlb_term_trains_only_the_variance():
 
 def test_uniform_until_every_t_has_ten_losses_then_second_moment():
   num_t = 6
-  h = losses_ddpm.init_loss_history(num_t)
+  h = ddpm_lib.init_loss_history(num_t)
   profile = np.array([4.0, 2.0, 1.0, 0.5, 0.25, 3.0])
   rng = np.random.RandomState(0)
   ts, losses = [], []
@@ -261,22 +262,22 @@ def test_uniform_until_every_t_has_ten_losses_then_second_moment():
       ts.append(t)
       losses.append(profile[t] * (1 + 0.1 * rng.randn()))
   # All but the very last loss: one t still has 9, so sampling stays uniform.
-  h = losses_ddpm.update_loss_history(h, jnp.array(ts[:-1]), jnp.array(losses[:-1]))
-  np.testing.assert_allclose(losses_ddpm.loss_second_moment_probs(h), np.full(num_t, 1 / num_t))
-  h = losses_ddpm.update_loss_history(h, jnp.array(ts[-1:]), jnp.array(losses[-1:]))
+  h = ddpm_lib.update_loss_history(h, jnp.array(ts[:-1]), jnp.array(losses[:-1]))
+  np.testing.assert_allclose(ddpm_lib.loss_second_moment_probs(h), np.full(num_t, 1 / num_t))
+  h = ddpm_lib.update_loss_history(h, jnp.array(ts[-1:]), jnp.array(losses[-1:]))
   hist = np.array(losses, np.float64).reshape(10, num_t).T
   np.testing.assert_allclose(h['history'], hist, rtol=1e-6)
   w = np.sqrt(np.mean(hist**2, axis=1))
   expected = (1 - 0.001) * w / w.sum() + 0.001 / num_t
-  probs = losses_ddpm.loss_second_moment_probs(h)
+  probs = ddpm_lib.loss_second_moment_probs(h)
   np.testing.assert_allclose(probs, expected, rtol=1e-5)
   # Draws follow p and carry the weights 1/(T·p).
-  t, weights = losses_ddpm.sample_timesteps(jax.random.key(0), probs, 20000)
+  t, weights = ddpm_lib.sample_timesteps(jax.random.key(0), probs, 20000)
   freq = np.bincount(np.asarray(t), minlength=num_t) / 20000
   np.testing.assert_allclose(freq, expected, atol=0.015)
   np.testing.assert_allclose(weights, 1 / (num_t * np.asarray(probs)[np.asarray(t)]), rtol=1e-6)
   # A full history drops its oldest loss; a t repeated within a batch shifts twice.
-  h = losses_ddpm.update_loss_history(h, jnp.array([2, 2]), jnp.array([7.0, 8.0]))
+  h = ddpm_lib.update_loss_history(h, jnp.array([2, 2]), jnp.array([7.0, 8.0]))
   np.testing.assert_allclose(h['history'][2], np.append(hist[2, 2:], [7.0, 8.0]), rtol=1e-6)
   assert int(h['counts'][2]) == 10
 
@@ -335,7 +336,6 @@ def test_loss_history_is_checkpointed_and_resumed(data_dir, tmp_path):
 
 
 def test_bits_per_dim_is_the_sum_of_all_terms_and_ignores_batching():
-  from diffjax.likelihood import vlb as likelihood_ddpm
   p = precond_discrete.make_ddpm('cosine', 10)
   network = _EpsNet()
   denoiser = Denoiser(network, p)
@@ -345,18 +345,18 @@ def test_bits_per_dim_is_the_sum_of_all_terms_and_ignores_batching():
   params = network.init(jax.random.key(0), jnp.asarray(images), jnp.zeros(6),
                         jax.nn.one_hot(labels, 10))['params']
   common = dict(variance='learned', num_classes=10)
-  one = likelihood_ddpm.bits_per_dim(denoiser, params, [{'image': images, 'label': labels}],
+  one = vlb.bits_per_dim(denoiser, params, [{'image': images, 'label': labels}],
                                      batch_size=8, **common)
-  two = likelihood_ddpm.bits_per_dim(
+  two = vlb.bits_per_dim(
       denoiser, params, [{'image': images[:4], 'label': labels[:4]},
                          {'image': images[4:], 'label': labels[4:]}], batch_size=4, **common)
   np.testing.assert_allclose(one['per_image_bpd'], two['per_image_bpd'], rtol=1e-5)
   assert one['num_images'] == 6 and one['num_timesteps'] == 10
   np.testing.assert_allclose(one['bpd'], one['prior_bpd'] + np.sum(one['vb_terms']), rtol=1e-6)
   # Image 0 by hand: the prior term plus L_t for every t with the noise of fold_in(key_0, t).
-  terms = jax.jit(likelihood_ddpm.vb_terms_fn(denoiser, p.schedule, **common))
+  terms = jax.jit(vlb.vb_terms_fn(denoiser, p.schedule, **common))
   key0 = noise.seed_keys([0])
-  total = float(losses_ddpm.prior_bpd(p.schedule, jnp.asarray(images[:1]))[0])
+  total = float(vlb.prior_bpd(p.schedule, jnp.asarray(images[:1]))[0])
   for t in range(10):
     total += float(terms(params, jnp.asarray(images[:1]), jnp.asarray(labels[:1]), key0,
                          jnp.int32(t))['vb'][0])
