@@ -135,6 +135,9 @@ class ADMUNet(nn.Module):
       10000^(−i/(half − 1))).
     init_style: 'adm' or 'ddpm' (see `_inits`).
     eps: GroupNorm epsilon (1e-5 ADM/iDDPM, 1e-6 DDPM).
+    min_channels_per_group: the GroupNorm group rule min(32, C // this). 4 is EDM's DhariwalUNet;
+      openai's and diffusers' U-Nets always use 32 groups, which is 1 here (the two agree from 128
+      channels on, so only narrow converted networks need it).
     dtype: compute dtype; parameters and the output stay float32.
   """
   img_resolution: int
@@ -157,6 +160,7 @@ class ADMUNet(nn.Module):
   embedding: str = 'adm'
   init_style: str = 'adm'
   eps: float = 1e-5
+  min_channels_per_group: int = 4
   dtype: Any = jnp.float32
 
   def _check(self, x: Array) -> None:
@@ -229,6 +233,7 @@ class ADMUNet(nn.Module):
       return UNetBlock(features, num_heads=self.num_heads or None,
                        channels_per_head=self.channels_per_head, dropout=self.dropout,
                        skip_scale=1.0, eps=self.eps, resample_filter=(1, 1), resample_proj=False,
+                       min_channels_per_group=self.min_channels_per_group,
                        adaptive_scale=self.scale_shift, init_spec=init, init_zero=init_zero,
                        init_attn=init, dtype=dt, name=name, **kw)
 
@@ -276,7 +281,8 @@ class ADMUNet(nn.Module):
         cout = self.model_channels * mult
         h = block(cout, f'dec_{tag}_block{idx}', attention=res in self.attn_resolutions)(
             h, emb, train)
-    h = nn.silu(GroupNorm(eps=self.eps, dtype=dt, name='out_norm')(h))
+    h = nn.silu(GroupNorm(min_channels_per_group=self.min_channels_per_group, eps=self.eps,
+                          dtype=dt, name='out_norm')(h))
     h = Conv2d(self.out_channels, 3, init_spec=init_zero, dtype=dt, name='out_conv')(h)
     return h.astype(jnp.float32)
 

@@ -7,6 +7,8 @@ Neither has trainable parameters.
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -81,20 +83,31 @@ class FourierEmbedding(nn.Module):
   collection, they are a constant drawn from a fixed numpy seed when the module is traced: they never
   appear in `params` (so parameter counts match the published ones and optimizers cannot touch
   them), `apply` needs no extra collection, and a checkpoint plus the module's fields determine the
-  network exactly. To port a PyTorch NCSN++ checkpoint one would have to substitute its stored buffer.
+  network exactly. A converted PyTorch NCSN++ checkpoint (`diffjax.convert`) brings its own stored
+  buffer as `freqs`, which then replaces the seeded draw.
 
   Attributes:
     num_channels: output width (even).
     scale: standard deviation of the frequencies (16 in NCSN++ / EDM).
     seed: numpy seed of the frequencies; part of the architecture, keep it fixed.
+    freqs: explicit frequencies ω (num_channels // 2 floats), e.g. a published network's buffer;
+      None draws them from `seed`.
   """
 
   num_channels: int
   scale: float = 16.0
   seed: int = 0
+  freqs: Optional[Sequence[float]] = None
 
   def __call__(self, x: Array) -> Array:
     """Maps [B] to [B, num_channels] float32."""
-    freqs = 2 * np.pi * fourier_frequencies(self.num_channels, self.scale, self.seed)
+    if self.freqs is None:
+      omega = fourier_frequencies(self.num_channels, self.scale, self.seed)
+    else:
+      omega = np.asarray(self.freqs, np.float32)
+      if omega.shape != (self.num_channels // 2,):
+        raise ValueError(f'FourierEmbedding of {self.num_channels} channels needs '
+                         f'{self.num_channels // 2} frequencies, got {omega.size}.')
+    freqs = 2 * np.pi * omega
     arg = jnp.asarray(x, jnp.float32)[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.cos(arg), jnp.sin(arg)], axis=-1)

@@ -386,6 +386,8 @@ class UNetBlock(nn.Module):
     eps: GroupNorm epsilon.
     resample_filter: taps of the resampling filter.
     resample_proj: give the skip path a 1×1 conv whenever it resamples (not only when channels change).
+    min_channels_per_group: of every GroupNorm here (4, EDM's rule); 1 gives 32 groups at any width
+      of at least 32 channels, as openai's and diffusers' U-Nets have.
     adaptive_scale: embedding gives (scale, shift), h = SiLU(norm(h)·(1+scale) + shift), as ADM;
       otherwise it is added before the norm, h = SiLU(norm(h + emb)), as DDPM++.
     init_spec: distribution of conv0, affine and skip layers.
@@ -405,6 +407,7 @@ class UNetBlock(nn.Module):
   eps: float = 1e-5
   resample_filter: Sequence[int] = (1, 1)
   resample_proj: bool = False
+  min_channels_per_group: int = 4
   adaptive_scale: bool = True
   init_spec: Init = Init()
   init_zero: Init = Init(weight=0.0)
@@ -430,13 +433,15 @@ class UNetBlock(nn.Module):
     )
 
     orig = x
-    h = nn.silu(GroupNorm(eps=self.eps, dtype=dt, name='norm0')(x))
+    norm = lambda name: GroupNorm(min_channels_per_group=self.min_channels_per_group, eps=self.eps,
+                                  dtype=dt, name=name)
+    h = nn.silu(norm('norm0')(x))
     h = conv(cout, 3, self.init_spec, up=self.up, down=self.down, name='conv0')(h)
 
     params = Linear(
       cout * (2 if self.adaptive_scale else 1), init_spec=self.init_spec, dtype=dt, name='affine'
     )(emb)[:, None, None, :]
-    norm1 = GroupNorm(eps=self.eps, dtype=dt, name='norm1')
+    norm1 = norm('norm1')
     if self.adaptive_scale:
       scale, shift = jnp.split(params, 2, axis=-1)
       h = nn.silu(shift + norm1(h) * (scale + 1))
@@ -459,7 +464,7 @@ class UNetBlock(nn.Module):
         )
       b, hh, ww, _ = h.shape
       qkv = conv(3 * cout, 1, self.init_attn or self.init_spec, name='qkv')(
-        GroupNorm(eps=self.eps, dtype=dt, name='norm2')(h)
+        norm('norm2')(h)
       )
       # Channel layout (head, channel, q/k/v), the one EDM's checkpoints use.
       qkv = qkv.reshape(b, hh * ww, heads, cout // heads, 3)

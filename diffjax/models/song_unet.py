@@ -62,6 +62,8 @@ class SongUNet(nn.Module):
     decoder_type: 'standard' (one output head at full resolution) or 'skip' (an output head per level,
       upsampled and summed).
     resample_filter: taps of the up/down-sampling filter ((1, 1) DDPM++, (1, 3, 3, 1) NCSN++).
+    fourier_freqs: the NCSN++ noise embedding's frequencies (model_channels · channel_mult_noise / 2
+      floats), as a converted EDM checkpoint stores them; None draws them from a fixed seed.
     guidance_embedding: take a guidance weight w (guided distillation, Meng et al. 2022 §4.1): a
       sinusoidal embedding of w, through a zero-initialized map, is added to the noise embedding,
       so a student made from a teacher's weights starts as that teacher.
@@ -85,6 +87,7 @@ class SongUNet(nn.Module):
   encoder_type: str = 'standard'
   decoder_type: str = 'standard'
   resample_filter: Sequence[int] = (1, 1)
+  fourier_freqs: Optional[Sequence[float]] = None
   guidance_embedding: bool = False
   dtype: Any = jnp.float32
 
@@ -127,7 +130,7 @@ class SongUNet(nn.Module):
     if self.embedding_type == 'positional':
       emb = PositionalEmbedding(noise_ch, endpoint=True, name='map_noise')(noise_labels)
     else:
-      emb = FourierEmbedding(noise_ch, name='map_noise')(noise_labels)
+      emb = FourierEmbedding(noise_ch, freqs=self.fourier_freqs, name='map_noise')(noise_labels)
     # The embeddings return [cos, sin]; Song et al.'s networks use [sin, cos].
     emb = jnp.concatenate(jnp.split(emb, 2, axis=-1)[::-1], axis=-1).astype(dt)
 
