@@ -1,11 +1,15 @@
 """Samples a trained run: `python sample.py --workdir=runs/digits --seeds=0-99 --out=out/`.
 
-Writes OUT/grid.png and OUT/samples.npz (uint8 images, seeds, class labels).
+Writes OUT/grid.png and OUT/samples.npz (uint8 images, seeds, class labels). Finished batches are
+kept in OUT/shards/, so rerunning the same command after a kill (a preempted machine) samples only
+the seeds still missing, and ends with the same samples as an uninterrupted run. On several hosts
+(SLURM, Open MPI, Cloud TPU, or DIFFJAX_* variables) every host runs the same command; only
+process 0 writes OUT.
 """
 
 from absl import app, flags
 
-from diffjax import cli
+from diffjax import cli, parallel, sampling
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of a train.py run.')
 _OUT = flags.DEFINE_string('out', None, 'Output directory (default: WORKDIR/samples/cli).')
@@ -22,15 +26,15 @@ def main(argv):
   def run():
     if not _WORKDIR.value:
       raise ValueError('Pass --workdir=DIR of a train.py run.')
-    from diffjax import sampling
     out = sampling.sample_run(
         _WORKDIR.value, _SEEDS.value, out=_OUT.value, sampler=_SAMPLING.sampler.value,
         num_steps=_SAMPLING.steps.value, class_label=_CLASS.value,
         guidance=_SAMPLING.guidance.value, batch_size=_BATCH.value, progress=True,
-        **_SAMPLING.options())
-    print(f'Wrote {out["grid"]} and {out["npz"]}', flush=True)
+        return_images=False, **_SAMPLING.options())
+    if parallel.is_main_process():
+      print(f'Wrote {out["grid"]} and {out["npz"]}', flush=True)
 
-  cli.main(run, _DEBUG)
+  cli.main(run, _DEBUG, multihost=True)
 
 
 if __name__ == '__main__':

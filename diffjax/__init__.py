@@ -12,7 +12,16 @@ The package reads bottom-up (docs/architecture.md): `processes` (noise processes
 
 __version__ = '0.1.0'
 
-from diffjax import objectives, precond, processes, registry, runs, samplers, sampling  # noqa: F401
+from diffjax import (  # noqa: F401
+  ema,
+  objectives,
+  precond,
+  processes,
+  registry,
+  runs,
+  samplers,
+  sampling,
+)
 from diffjax.processes import schedules  # noqa: F401  (dj.schedules)
 from diffjax.runs import load  # noqa: F401
 from diffjax.sampling import sample_run  # noqa: F401

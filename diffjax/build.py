@@ -31,7 +31,7 @@ def _kwargs(node) -> dict:
 
 def dataset_spec(config):
   """The registered dataset's spec (resolution, channels, classes)."""
-  from diffjax import data  # TensorFlow is imported only when data is needed.
+  from diffjax import data  # Lazy: tensorflow_datasets loads only when data is read.
   return data.get_dataset_spec(config.data.name, data_dir=config.data.data_dir or None)
 
 
@@ -78,17 +78,26 @@ def build_denoiser(config, spec) -> precond_lib.Denoiser:
 
 
 def build_optimizer(config):
+  """Adam of config.optim; EDM2's lr decay (optim.lr_decay_images) and forced weight norm.
+
+  A network class with a `project_params(params) -> params` (EDM2UNet) gets it as the optimizer's
+  last link (`state.project_updates`): that is where the train step keeps its stored weights
+  projected.
+  """
   o = config.optim
+  project = getattr(models.network_class(config.model.preset), 'project_params', None)
   return state_lib.make_optimizer(
       o.lr, config.train.batch_size, rampup_images=o.lr_rampup_images, b1=o.b1, b2=o.b2,
-      eps=o.eps, grad_clip=o.grad_clip)
+      eps=o.eps, grad_clip=o.grad_clip, decay_images=float(o.get('lr_decay_images', 0.0)),
+      project=project)
 
 
 def build_augment(config) -> Optional[Callable]:
   """EDM's non-leaking augmentation with probability config.augment.p, or None when p = 0."""
   if config.augment.p <= 0:
     return None
-  from diffjax.data import augment as augment_lib  # TensorFlow loads only when data is needed.
+  # Lazy: tensorflow_datasets loads only when data is read.
+  from diffjax.data import augment as augment_lib
   p = float(config.augment.p)
   return lambda key, images: augment_lib.augment(key, images, p=p)
 
@@ -105,7 +114,12 @@ def init_params(network, spec, key, batch: int = 1) -> Any:
 
 def sampler_fn(config, precond, sampler: Optional[str] = None, num_steps: Optional[int] = None,
                **overrides) -> Callable:
-  """(denoise_fn, latents, keys) -> images for config.sample (or the given overrides)."""
+  """(denoise_fn, latents, keys) -> images for config.sample (or the given overrides).
+
+  A `grid` option (sample.py --grid=NAME) names the σ-grid of a σ-grid sampler (one with a `grid`
+  option: heun, euler, the k-diffusion family, unipc, deis); it is checked here, so that a typo or
+  a sampler with its own time steps fails in one sentence before any weights are read.
+  """
   name = sampler or config.sample.sampler
   fn = samplers_lib.get_sampler(name)
   kwargs = _kwargs(config.sample.get('kwargs')) if name == config.sample.sampler else {}
@@ -114,5 +128,15 @@ def sampler_fn(config, precond, sampler: Optional[str] = None, num_steps: Option
   if steps < 1:
     raise ValueError(f'The number of sampling steps must be at least 1, got {steps}; pass '
                      '--steps=N with N >= 1 (or leave it out for the config\'s).')
+  if kwargs.get('grid') is not None:
+    import inspect
+
+    from diffjax import registry
+    registry.get('discretization', kwargs['grid'])  # unknown: one sentence with the known grids
+    if 'grid' not in inspect.signature(fn).parameters:
+      takes = [n for n in samplers_lib.names()
+               if 'grid' in inspect.signature(samplers_lib.get_sampler(n)).parameters]
+      raise ValueError(f'Sampler {name!r} chooses its own time steps, so --grid does not apply; '
+                       f'pick a σ-grid sampler ({", ".join(takes)}) or leave --grid out.')
   return lambda denoise_fn, latents, keys: fn(denoise_fn, latents, keys, precond=precond,
                                               num_steps=steps, **kwargs)

@@ -1,14 +1,21 @@
 """Generating images from a denoiser: seeds → latents → sampler, sharded over every device.
 
 Image k depends only on seed k (its latents and its churn noise come from `seed_keys`), so a
-sample is reproducible whatever the batch size or the number of devices.
+sample is reproducible whatever the batch size or the number of devices. `sample_run` (sample.py)
+is resumable: finished batches are kept as shards in its output folder, and a rerun after a kill
+samples only what is missing, bitwise as an uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import collections
+import json
+import logging
 import os
 import re
-from typing import Callable, Optional, Sequence
+import zipfile
+import zlib
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +25,8 @@ from diffjax import build, parallel, runs
 from diffjax import images as images_lib
 from diffjax import samplers as samplers_lib
 from diffjax.precond import Denoiser
+
+log = logging.getLogger(__name__)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -80,18 +89,48 @@ def make_sample_fn(denoiser: Denoiser, sampler: Callable, shape: Sequence[int],
   return sample
 
 
-def generate(sample_fn: Callable, params, seeds: Sequence[int], class_labels=None, *,
-             batch_size: int = 64, mesh=None, progress: bool = False) -> np.ndarray:
-  """Runs `sample_fn` over all seeds in sharded batches; returns float32 images [N, H, W, C].
+def _batches(positions: np.ndarray, batch_size: int) -> list[np.ndarray]:
+  """Positions in the seed list grouped by the batch (window of `batch_size` positions) they are
+  in: every position keeps the batch it has in a run over all seeds, so a run that resumes with
+  some batches done samples each remaining one exactly as an uninterrupted run does."""
+  if not len(positions):
+    return []
+  windows = positions // batch_size
+  cuts = np.flatnonzero(np.diff(windows)) + 1
+  return np.split(positions, cuts)
 
-  Batches are padded to a multiple of the device count (padding images are dropped), so any
-  number of seeds works on any number of devices.
+
+def generate_batches(sample_fn: Callable, params, seeds: Sequence[int], class_labels=None, *,
+                     batch_size: int = 64, mesh=None, progress: bool = False,
+                     positions: Optional[Sequence[int]] = None
+                     ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+  """Runs `sample_fn` over the seeds in sharded batches, yielding each batch as it finishes.
+
+  Args:
+    sample_fn: from `make_sample_fn`.
+    params: the network's parameters.
+    seeds: the seeds [N].
+    class_labels: int [N] or None.
+    batch_size: images per batch (rounded down to a multiple of the device count, at least one
+      per device).
+    mesh: the device mesh (default: every device).
+    progress: show a progress bar.
+    positions: which of the seeds (indices into `seeds`, increasing) to sample; default all.
+      Each keeps the batch it has among all seeds.
+
+  Yields:
+    (positions [B], float32 images [B, H, W, C]) per batch.
   """
   mesh = mesh or parallel.make_mesh()
   n_dev = mesh.devices.size
   batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
   seeds = np.asarray(list(seeds), np.int64)
   labels = None if class_labels is None else np.asarray(class_labels, np.int32)
+  positions = (np.arange(len(seeds)) if positions is None else
+               np.asarray(positions, np.int64).reshape(-1))
+  batches = _batches(positions, batch_size)
+  if not batches:
+    return
   shard = parallel.batch_sharding(mesh)
   rep = parallel.replicated(mesh)
   # Multi-host: every process holds all seeds and labels and builds the global arrays from them
@@ -109,23 +148,33 @@ def generate(sample_fn: Callable, params, seeds: Sequence[int], class_labels=Non
                    out_shardings=rep if multihost else shard)
   if not multihost:
     params = jax.device_put(params, rep)
-  out = []
-  starts = range(0, len(seeds), batch_size)
   if progress:
     from tqdm import tqdm
-    starts = tqdm(starts, desc='sampling', unit='batch')
-  for start in starts:
-    chunk = seeds[start:start + batch_size]
+    batches = tqdm(batches, desc='sampling', unit='batch')
+  for batch in batches:
+    chunk = seeds[batch]
+    # Padded to a multiple of the device count with copies of the last seed (dropped after).
     pad = (-len(chunk)) % n_dev
     padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad)])
     words = put((padded % (1 << 32)).astype(np.uint32))
     lab = None
     if labels is not None:
-      lab_chunk = labels[start:start + batch_size]
+      lab_chunk = labels[batch]
       lab = put(np.concatenate([lab_chunk, np.repeat(lab_chunk[-1:], pad)]))
-    images = np.asarray(jitted(params, words, lab))
-    out.append(images[:len(chunk)])
-  return np.concatenate(out, axis=0)
+    images = np.asarray(jitted(params, words, lab))  # waits for the batch (bounded queue)
+    yield batch, images[:len(chunk)]
+
+
+def generate(sample_fn: Callable, params, seeds: Sequence[int], class_labels=None, *,
+             batch_size: int = 64, mesh=None, progress: bool = False) -> np.ndarray:
+  """Runs `sample_fn` over all seeds in sharded batches; returns float32 images [N, H, W, C].
+
+  Batches are padded to a multiple of the device count (padding images are dropped), so any
+  number of seeds works on any number of devices.
+  """
+  return np.concatenate([images for _, images in generate_batches(
+      sample_fn, params, seeds, class_labels, batch_size=batch_size, mesh=mesh,
+      progress=progress)], axis=0)
 
 
 def default_labels(seeds: Sequence[int], num_classes: int, class_label: Optional[int] = None):
@@ -140,11 +189,184 @@ def default_labels(seeds: Sequence[int], num_classes: int, class_label: Optional
   return np.asarray(seeds, np.int64) % num_classes
 
 
+SHARD_DIR = 'shards'         # OUT/shards/: finished batches of a sample_run, for resuming
+SETTINGS_FILE = 'settings.json'
+GRID_MAX = 1024              # grid.png shows the first this many samples
+_SHARD_FORMAT = 1
+
+
+def _canonical(value):
+  """`value` as JSON would give it back (tuples as lists, keys as strings)."""
+  return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _differences(old, new, prefix: str = '') -> list[str]:
+  """The dotted keys whose values differ between two JSON-like dicts."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [d for k in sorted(set(old) | set(new))
+            for d in _differences(old.get(k), new.get(k), f'{prefix}{k}.')]
+  return [] if old == new else [prefix.rstrip('.') or 'all']
+
+
+def _write_whole(path: str, write: Callable) -> None:
+  """Writes a file aside, syncs it and renames it into place: it appears whole or not at all,
+  also after a hard kill or a lost machine."""
+  directory, name = os.path.split(path)
+  tmp = os.path.join(directory, f'.tmp-{os.getpid()}-{name}')
+  with open(tmp, 'wb') as f:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class _Shards:
+  """OUT/shards/: one .npz per finished batch (images, seeds, labels) and the settings they were
+  sampled with. Process 0 only."""
+
+  def __init__(self, out: str, settings: dict):
+    self.out = out
+    self.dir = os.path.join(out, SHARD_DIR)
+    self.settings = _canonical(settings)
+    self.index: dict[int, Tuple[str, int]] = {}  # seed -> (shard file, row)
+
+  def open(self) -> None:
+    """Checks the settings of earlier shards, then indexes them (removing half-written ones)."""
+    os.makedirs(self.dir, exist_ok=True)
+    for name in os.listdir(self.dir):
+      if name.startswith('.tmp-'):  # a write cut short by a kill
+        os.remove(os.path.join(self.dir, name))
+    path = os.path.join(self.dir, SETTINGS_FILE)
+    if os.path.exists(path):
+      with open(path) as f:
+        try:
+          differ = _differences(json.load(f), self.settings)
+        except ValueError:
+          differ = [f'{SETTINGS_FILE} is unreadable']
+      if differ:
+        shown = ', '.join(differ[:6]) + (f' and {len(differ) - 6} more' if len(differ) > 6 else '')
+        raise ValueError(
+            f'{self.dir} holds samples made with other settings ({shown}); pass another --out, or '
+            f'delete {self.dir} to start over.')
+    else:
+      _write_whole(path, lambda f: f.write(json.dumps(self.settings, indent=2).encode()))
+    for name in sorted(os.listdir(self.dir)):
+      if not (name.startswith('shard-') and name.endswith('.npz')):
+        continue
+      shard = os.path.join(self.dir, name)
+      try:
+        with np.load(shard) as z:
+          shard_seeds = z['seeds']
+      except Exception as e:  # noqa: BLE001 - an unreadable shard is sampled again.
+        log.warning('Ignoring the unreadable sample shard %s (%s); its seeds are sampled again.',
+                    shard, e)
+        continue
+      for row, seed in enumerate(shard_seeds.tolist()):
+        self.index.setdefault(int(seed), (shard, row))
+
+  def write(self, seeds: np.ndarray, labels: Optional[np.ndarray], images: np.ndarray) -> None:
+    seeds = np.asarray(seeds, np.int64)
+    name = f'shard-{int(seeds[0]):010d}-{len(seeds):05d}-{zlib.crc32(seeds.tobytes()):08x}.npz'
+    path = os.path.join(self.dir, name)
+    _write_whole(path, lambda f: np.savez(
+        f, images=images, seeds=seeds,
+        labels=np.asarray(labels if labels is not None else [], np.int32)))
+    for row, seed in enumerate(seeds.tolist()):
+      self.index[int(seed)] = (path, row)
+
+  def assemble(self, seeds: np.ndarray, labels, shape, out: str, keep: bool) -> Optional[np.ndarray]:
+    """Writes OUT/samples.npz (streamed shard by shard: memory stays bounded) and OUT/grid.png.
+
+    Returns:
+      All images (uint8 [N, H, W, C]) if `keep`, else None.
+    """
+    cache: collections.OrderedDict = collections.OrderedDict()  # a few shards' images
+
+    def image(seed: int) -> np.ndarray:
+      path, row = self.index[int(seed)]
+      if path not in cache:
+        with np.load(path) as z:
+          cache[path] = z['images']
+        while len(cache) > 4:
+          cache.popitem(last=False)
+      return cache[path][row]
+
+    kept, grid = [], []
+
+    def write_npz(f) -> None:
+      with zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        with zf.open('images.npy', 'w', force_zip64=True) as member:
+          np.lib.format.write_array_header_1_0(member, {
+              'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)), 'fortran_order': False,
+              'shape': (len(seeds), *shape)})
+          for lo in range(0, len(seeds), 256):
+            chunk = np.stack([image(s) for s in seeds[lo:lo + 256]]).astype(np.uint8)
+            member.write(chunk.tobytes())
+            if keep:
+              kept.append(chunk)
+            if sum(map(len, grid)) < GRID_MAX:
+              grid.append(chunk[:GRID_MAX - sum(map(len, grid))])
+        for name, value in (('seeds', np.asarray(seeds)),
+                            ('labels', np.asarray(labels if labels is not None else []))):
+          with zf.open(f'{name}.npy', 'w', force_zip64=True) as member:
+            np.lib.format.write_array(member, value)
+
+    _write_whole(os.path.join(out, 'samples.npz'), write_npz)
+    png = images_lib.make_grid(np.concatenate(grid))
+
+    def write_png(f) -> None:
+      from PIL import Image
+      Image.fromarray(png).save(f, format='PNG')
+
+    _write_whole(os.path.join(out, 'grid.png'), write_png)
+    return np.concatenate(kept) if keep else None
+
+
+def _check_out(out: str) -> None:
+  """Raises one sentence, before any sampling, if OUT is a file or cannot be written.
+
+  Nothing is created yet (a call that fails later, e.g. on a missing checkpoint, leaves no empty
+  folder behind): the nearest existing folder must be writable.
+  """
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f'--out {out} is a file; pass a directory (it gets grid.png, samples.npz and '
+                     f'{SHARD_DIR}/).')
+  parent = out
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f'--out {out} is inside {parent}, which is a file; pass a directory.')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise OSError(f'Cannot write to {out} ({parent} is not writable); pass an --out on a '
+                  'writable disk.')
+
+
+def _ranges(positions: Sequence[int]) -> list[list[int]]:
+  """Increasing positions as [start, stop) ranges (compact to share between processes)."""
+  out = []
+  for p in positions:
+    if out and out[-1][1] == p:
+      out[-1][1] += 1
+    else:
+      out.append([int(p), int(p) + 1])
+  return out
+
+
 def sample_run(workdir: str, seeds, *, out: Optional[str] = None, sampler: Optional[str] = None,
                num_steps: Optional[int] = None, class_label: Optional[int] = None,
                guidance: float = 0.0, batch_size: int = 64, progress: bool = False,
-               step: Optional[int] = None, **sampler_kwargs) -> dict:
-  """Samples a trained run and writes OUT/grid.png and OUT/samples.npz.
+               step: Optional[int] = None, return_images: bool = True,
+               **sampler_kwargs) -> dict:
+  """Samples a trained run and writes OUT/grid.png and OUT/samples.npz — resumably.
+
+  Each finished batch is written to OUT/shards/ as it completes (whole, then renamed). Rerunning
+  the same call after a kill skips the seeds already there (it says how many it found) and samples
+  the rest in the batches an uninterrupted run uses, so the final samples are bitwise the same (with
+  the same batch size and devices; with others they are the same samples up to float rounding).
+  OUT/samples.npz (all samples, in the order of `seeds`) and OUT/grid.png (the first GRID_MAX) are
+  assembled at the end. Shards made with other settings (model, checkpoint step, sampler, options,
+  guidance, class) are never mixed in: the call refuses. Multi-host: every process samples its
+  part of each batch; only process 0 reads and writes OUT.
 
   Args:
     workdir: a train.py run.
@@ -154,31 +376,82 @@ def sample_run(workdir: str, seeds, *, out: Optional[str] = None, sampler: Optio
     class_label: one class for every image (default: seed mod num_classes).
     guidance: classifier-free guidance weight.
     batch_size: images per batch.
+    progress: show a progress bar.
     step: checkpoint step (default: newest).
+    return_images: return the images (all in memory); sample.py passes False.
 
   Returns:
-    {'images': uint8 [N,H,W,C], 'seeds': [N], 'labels': [N] or None, 'grid': path, 'npz': path}.
+    {'images': uint8 [N,H,W,C] (None if not `return_images`, and on processes other than 0),
+    'seeds': [N], 'labels': [N] or None, 'grid': path, 'npz': path, 'found': how many samples
+    were already done}.
   """
-  seeds = parse_seeds(seeds) if isinstance(seeds, str) else list(seeds)
-  # Options are checked against the run's config before its weights are read.
+  seeds = parse_seeds(seeds) if isinstance(seeds, str) else [int(s) for s in seeds]
+  if not seeds:
+    raise ValueError('No seeds to sample; pass some, e.g. --seeds=0-63.')
+  # Options are checked against the run's config, and OUT for writing, before weights are read.
   config = runs.read_config(workdir)
   spec = build.dataset_spec(config)
   _check_guidance(build.build_network(config, spec), build.num_classes(config, spec), guidance)
   if class_label is not None and not build.num_classes(config, spec):
     raise ValueError('--class needs a class-conditional model; this one is unconditional.')
   default_labels(seeds, build.num_classes(config, spec), class_label)
+  out = os.path.abspath(out or os.path.join(workdir, 'samples', 'cli'))
+  parallel.on_main(lambda: _check_out(out))
   run = runs.load(workdir, step)
   labels = default_labels(seeds, run.num_classes, class_label)
   fn = build.sampler_fn(run.config, run.denoiser.precond, sampler, num_steps, **sampler_kwargs)
   shape = (run.spec.resolution, run.spec.resolution, run.spec.channels)
   sample_fn = make_sample_fn(run.denoiser, fn, shape, run.num_classes, guidance)
-  x = generate(sample_fn, run.ema_params, seeds, labels, batch_size=batch_size,
-               progress=progress)
-  images = images_lib.to_uint8(x)
-  out = out or os.path.join(workdir, 'samples', 'cli')
-  os.makedirs(out, exist_ok=True)
-  grid = images_lib.save_grid(images, os.path.join(out, 'grid.png'))
-  npz = os.path.join(out, 'samples.npz')
-  np.savez_compressed(npz, images=images, seeds=np.asarray(seeds),
-                      labels=np.asarray(labels if labels is not None else []))
-  return {'images': images, 'seeds': np.asarray(seeds), 'labels': labels, 'grid': grid, 'npz': npz}
+  seeds_array = np.asarray(seeds, np.int64)
+
+  # What the samples depend on (with the config, which holds the sampler's defaults); batch size
+  # and device count are left out: image k depends on seed k only.
+  shards = _Shards(out, {
+      'format': _SHARD_FORMAT, 'config': run.config.to_dict(), 'step': int(run.step),
+      'sampler': sampler or run.config.sample.sampler, 'options': sampler_kwargs,
+      'num_steps': int(run.config.sample.num_steps if num_steps is None else num_steps),
+      'guidance': float(guidance), 'class_label': class_label, 'shape': list(shape)})
+
+  def open_shards() -> list:
+    try:
+      shards.open()
+    except OSError as e:
+      raise OSError(f'Cannot write samples to {out} ({e.strerror or e}); pass an --out on a '
+                    'writable disk with free space.') from e
+    return _ranges([p for p, seed in enumerate(seeds) if seed not in shards.index])
+
+  todo = np.asarray([p for a, b in parallel.on_main(open_shards) for p in range(a, b)], np.int64)
+  found = len(seeds) - len(todo)
+  if found and parallel.is_main_process():
+    print(f'Found {found} of {len(seeds)} samples already done in {shards.dir}; sampling the '
+          f'other {len(todo)}.', flush=True)
+
+  def unwritable(e: OSError) -> OSError:
+    return OSError(f'Cannot write samples to {out} ({e.strerror or e}); free disk space or fix '
+                   f'the permissions, then rerun the same command: the {len(shards.index)} '
+                   f'samples in {shards.dir} are kept.')
+
+  def write(positions, x) -> None:
+    try:
+      shards.write(seeds_array[positions], None if labels is None else labels[positions],
+                   images_lib.to_uint8(x))
+    except OSError as e:
+      raise unwritable(e) from e
+
+  for positions, x in generate_batches(sample_fn, run.ema_params, seeds, labels,
+                                       batch_size=batch_size, positions=todo,
+                                       progress=progress and parallel.is_main_process()):
+    # Through on_main: a failed write stops every process at once, not at the next collective.
+    parallel.on_main(lambda positions=positions, x=x: write(positions, x))
+  assembled = {}
+
+  def assemble() -> None:
+    try:
+      assembled['images'] = shards.assemble(seeds_array, labels, shape, out, return_images)
+    except OSError as e:
+      raise unwritable(e) from e
+
+  parallel.on_main(assemble)  # every process waits: OUT is complete when any returns
+  return {'images': assembled.get('images'), 'seeds': seeds_array, 'labels': labels,
+          'grid': os.path.join(out, 'grid.png'), 'npz': os.path.join(out, 'samples.npz'),
+          'found': found}

@@ -1,13 +1,14 @@
 """Train state, optimizer, learning-rate ramp and EMA, all in units that survive batch changes.
 
 EDM (App. F.1) measures training length, the learning-rate warm-up and the EMA half-life in
-*images*, so that changing the batch size keeps the schedule. The state holds no RNG: each step's
-key is `fold_in(base_key, step)`.
+*images*, so that changing the batch size keeps the schedule; EDM2's inverse-square-root decay
+(§2.5) is measured in images too. The state holds no RNG: each step's key is
+`fold_in(base_key, step)`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,26 +43,71 @@ def create_train_state(params: Any, tx: optax.GradientTransformation,
                     extra={} if extra is None else extra)
 
 
-def learning_rate(step, base_lr: float, rampup_images: float, batch_size: int):
-  """lr = base_lr · min(n_img / rampup_images, 1) with n_img = step·batch images seen (EDM)."""
+def learning_rate(step, base_lr: float, rampup_images: float, batch_size: int,
+                  decay_images: float = 0.0):
+  """lr = base_lr · min(n_img / rampup_images, 1) / sqrt(max(n_img / decay_images, 1)).
+
+  n_img = step·batch is the number of images seen before the step. The ramp is EDM's; the
+  inverse-square-root decay is EDM2's (§2.5, lr = α_ref / sqrt(max(t/t_ref, 1)) with t_ref in
+  batches; here t_ref·batch images, so the decay stays put when the batch size changes).
+
+  Args:
+    step: optimizer steps taken (int or a traced scalar).
+    base_lr: α_ref, the learning rate after the ramp and before the decay.
+    rampup_images: images over which lr rises linearly from 0 (0 = no ramp).
+    batch_size: global batch size.
+    decay_images: t_ref in images (EDM2 ImageNet-64: 35k batches of 2048); 0 = no decay.
+  """
   nimg = jnp.asarray(step, jnp.float32) * batch_size
-  return base_lr * jnp.minimum(nimg / max(rampup_images, 1e-8), 1.0)
+  lr = base_lr * jnp.minimum(nimg / max(rampup_images, 1e-8), 1.0)
+  if decay_images > 0:
+    lr = lr / jnp.sqrt(jnp.maximum(nimg / decay_images, 1.0))
+  return lr
+
+
+def project_updates(project: Callable[[Any], Any]) -> optax.GradientTransformation:
+  """An optimizer link that projects the *updated* params: u ← project(w + u) − w.
+
+  Chained last, it makes `optax.apply_updates(w, u)` store project(w + u) (up to one rounding), so
+  the params stay on the constraint set at every step. EDM2's forced weight normalization
+  (`models.edm2.project_params`) is such a projection.
+
+  Args:
+    project: params -> params of the same structure, pure and jittable.
+  """
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError('project_updates needs the params: call tx.update(grads, state, params).')
+    target = project(jax.tree.map(lambda w, u: w + u, params, updates))
+    return jax.tree.map(lambda t, w: t - w, target, params), state
+
+  return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(base_lr: float, batch_size: int, rampup_images: float = 0.0,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                   grad_clip: float = 0.0, weight_decay: float = 0.0) -> optax.GradientTransformation:
+                   grad_clip: float = 0.0, weight_decay: float = 0.0, decay_images: float = 0.0,
+                   project: Optional[Callable[[Any], Any]] = None) -> optax.GradientTransformation:
   """Adam (EDM: lr 1e-3, β = (0.9, 0.999), eps 1e-8) with the image-based warm-up.
 
   Args:
     base_lr: learning rate after the ramp.
     batch_size: global batch size (images per step).
     rampup_images: images over which lr rises linearly from 0 (EDM: 10 Mimg).
-    b1, b2, eps: Adam hyperparameters.
+    b1, b2, eps: Adam hyperparameters (EDM2: β2 = 0.99).
     grad_clip: clip the global gradient norm to this value (0 disables).
     weight_decay: decoupled weight decay (AdamW) when > 0.
+    decay_images: EDM2's lr / sqrt(max(n_img/decay_images, 1)) decay; 0 disables it.
+    project: params -> params applied to the updated params after every step (see
+      `project_updates`; EDM2's forced weight normalization); None adds nothing, so the optimizer
+      state of every other model keeps its structure.
   """
-  schedule = lambda step: learning_rate(step, base_lr, rampup_images, batch_size)
+  schedule = lambda step: learning_rate(step, base_lr, rampup_images, batch_size, decay_images)
   parts = []
   if grad_clip > 0:
     parts.append(optax.clip_by_global_norm(grad_clip))
@@ -69,6 +115,8 @@ def make_optimizer(base_lr: float, batch_size: int, rampup_images: float = 0.0,
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
   else:
     parts.append(optax.adam(schedule, b1=b1, b2=b2, eps=eps))
+  if project is not None:
+    parts.append(project_updates(project))
   return optax.chain(*parts)
 
 

@@ -1,14 +1,17 @@
 """One process of the two-process training run in test_multihost.py (a helper, not a test).
 
-Joins a 2-process JAX cluster over loopback (gloo CPU collectives, 2 fake devices per process),
-trains the `tiny` config for --first_steps steps, then calls the train loop again so that it
-restores that checkpoint and trains on to --steps. It records, for the test to check:
+Joins a 2-process JAX cluster over loopback (gloo CPU collectives, 2 fake devices per process) the
+way a SLURM task does: `parallel.initialize_distributed()` with no arguments, the cluster found
+from the SLURM_* variables the test sets. It trains the `tiny` config for --first_steps steps,
+calls the train loop again so that it restores that checkpoint and trains on to --steps, then
+samples the run (`sampling.sample_run`, as sample.py does). It records, for the test to check:
 
 * the batches its input pipeline gave it (labels and pixel sums, with start step and process
   index), to compare with the single-process global batches;
 * every file-system write it made under the workdir (Python-level opens for writing, renames,
   deletions), to check that only process 0 writes the run's files;
-* its final parameters.
+* its final parameters (and process 0 its samples, which sample_run returns there);
+* the refusal of a last `loop.train` call while process 0 holds the lock as a live run would.
 """
 
 import argparse
@@ -55,9 +58,7 @@ def _cache_on_every_process() -> None:
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument('--process_id', type=int, required=True)
-  p.add_argument('--num_processes', type=int, default=2)
-  p.add_argument('--port', type=int, required=True)
+  p.add_argument('--process_id', type=int, required=True, help='names the output files only')
   p.add_argument('--workdir', required=True)
   p.add_argument('--out', required=True)
   p.add_argument('--steps', type=int, default=4)
@@ -79,7 +80,7 @@ def main() -> None:
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   _cache_on_every_process()
   from diffjax import parallel
-  parallel.initialize_distributed(f'127.0.0.1:{args.port}', args.num_processes, args.process_id)
+  parallel.initialize_distributed()  # the SLURM_* variables: jax.distributed's own detection
 
   import numpy as np
 
@@ -137,18 +138,37 @@ def main() -> None:
   c.train.total_images = 8 * args.steps
   c.train.checkpoint_every = args.first_steps
   c.train.log_every = 1
-  c.train.num_preview = 4
+  c.train.num_preview = 0  # the second call draws one (its program is sample_run's too)
   c.sample.num_steps = 2
   loop.train(c, workdir, max_steps=args.first_steps, progress=False)
+  c.train.num_preview = 4
   state = loop.train(c, workdir, progress=False)  # restores the checkpoint, trains on
+  # The preview's seeds, batch and sampler: its compiled program is reused.
+  from diffjax import sampling
+  samples = sampling.sample_run(workdir, '0-3', batch_size=4)['images']
+  # A live run holds the workdir (process 0 takes its lock, as another train.py would): a run
+  # must be refused on both processes, not only on process 0 that sees the lock.
+  from diffjax import runs
+  held = runs.WorkdirLock(workdir, 'another run').acquire() if jax.process_index() == 0 else None
+  try:
+    loop.train(c, workdir, progress=False)
+    refused = None
+  except runs.WorkdirLocked as e:
+    refused = str(e)
+  finally:
+    if held is not None:
+      held.release()
   params = {jax.tree_util.keystr(k): np.asarray(v)
             for k, v in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
   os.makedirs(args.out, exist_ok=True)
   np.savez(os.path.join(args.out, f'params_{args.process_id}.npz'), **params)
+  if samples is not None:
+    np.save(os.path.join(args.out, f'samples_{args.process_id}.npy'), samples)
   with open(os.path.join(args.out, f'process_{args.process_id}.json'), 'w') as f:
     json.dump({'process_index': jax.process_index(), 'process_count': jax.process_count(),
                'local_devices': jax.local_device_count(), 'devices': jax.device_count(),
-               'step': int(state.step), 'batches': batches, 'writes': writes}, f)
+               'step': int(state.step), 'batches': batches, 'writes': writes,
+               'refused': refused}, f)
 
 
 if __name__ == '__main__':

@@ -25,16 +25,18 @@ class SamplerFlags:
   s_tmax: flags.FlagHolder
   s_noise: flags.FlagHolder
   guidance: flags.FlagHolder
+  grid: flags.FlagHolder | None = None
 
   def options(self) -> dict:
-    """The stochastic-sampler options that were given, as the samplers' keyword arguments."""
+    """The sampler options that were given (stochasticity, σ-grid), as keyword arguments."""
     given = {'s_churn': self.churn.value, 's_tmin': self.s_tmin.value,
-             's_tmax': self.s_tmax.value, 's_noise': self.s_noise.value}
+             's_tmax': self.s_tmax.value, 's_noise': self.s_noise.value,
+             'grid': self.grid.value if self.grid is not None else None}
     return {k: v for k, v in given.items() if v is not None}
 
 
 def define_sampler_flags() -> SamplerFlags:
-  """--sampler --steps --churn --s_tmin --s_tmax --s_noise --guidance."""
+  """--sampler --steps --churn --s_tmin --s_tmax --s_noise --guidance --grid."""
   return SamplerFlags(
       sampler=flags.DEFINE_string('sampler', None, 'Sampler name (default: the config\'s).'),
       steps=flags.DEFINE_integer('steps', None, 'Sampling steps (default: the config\'s).'),
@@ -42,7 +44,11 @@ def define_sampler_flags() -> SamplerFlags:
       s_tmin=flags.DEFINE_float('s_tmin', None, 'S_tmin.'),
       s_tmax=flags.DEFINE_float('s_tmax', None, 'S_tmax.'),
       s_noise=flags.DEFINE_float('s_noise', None, 'S_noise.'),
-      guidance=flags.DEFINE_float('guidance', 0.0, 'Classifier-free guidance weight w.'))
+      guidance=flags.DEFINE_float('guidance', 0.0, 'Classifier-free guidance weight w.'),
+      grid=flags.DEFINE_string(
+          'grid', None, 'σ-grid of a σ-grid sampler (heun, euler, dpmpp_2m, unipc, …): karras '
+          '(the default, clamped to the network), exponential, polyexponential, vp, '
+          'linear_logsnr, ve, iddpm.'))
 
 
 def define_debug() -> flags.FlagHolder:

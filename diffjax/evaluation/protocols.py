@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
@@ -82,8 +83,15 @@ def seed_sets(num_images: int, *, seeds: Optional[Sequence[int] | str] = None, f
           for k in range(sets)]
 
 
-def _fmt(x: float) -> str:
-  return f'{x:g}'.replace('.', 'p').replace('-', 'm')
+def _option_values(options: dict) -> dict:
+  """Sampler options as JSON values: numbers as floats, names (--grid) as they are."""
+  return {k: v if isinstance(v, str) else float(v) for k, v in options.items()}
+
+
+def _fmt(x: float | str) -> str:
+  """A number or a name (e.g. --grid=exponential) as a file-name-safe part: 0.5 -> 0p5, -1 -> m1."""
+  text = re.sub(r'[^0-9A-Za-z]+', '', x) if isinstance(x, str) else f'{x:g}'
+  return text.replace('.', 'p').replace('-', 'm')
 
 
 def _result_name(step: int, sampler: str, steps: int, guidance: float, kwargs: dict,
@@ -191,9 +199,9 @@ def evaluate_fid(workdir: str, ref: str, *, num_images: int = 50_000,
     step=run.step, workdir=workdir, ref=reference.description, sampler=name, num_steps=steps,
     guidance=float(guidance), protocol=protocol, metrics=list(metrics), batch_size=batch_size,
     seconds=round(time.time() - start, 1),
-    **{k: float(v) for k, v in sampler_kwargs.items()},
+    **_option_values(sampler_kwargs),
   )
-  kwargs = {k: float(v) for k, v in sampler_kwargs.items()}
+  kwargs = _option_values(sampler_kwargs)
   out = out or os.path.join(workdir, 'eval', _result_name(run.step, name, steps, guidance, kwargs,
                                                           len(sets[0]), protocol) + '.json')
   result['json'] = out
@@ -293,7 +301,7 @@ def evaluate_digits(
     num_steps=steps,
     guidance=guidance,
     first_seed=first_seed,
-    **{k: float(v) for k, v in sampler_kwargs.items()},
+    **_option_values(sampler_kwargs),
   )
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)

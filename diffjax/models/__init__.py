@@ -17,6 +17,8 @@ import flax.linen as nn
 
 from diffjax import registry
 from diffjax.models.adm_unet import ADM_PRESETS, ADMUNet
+from diffjax.models.edm2 import PRESETS as EDM2_PRESETS
+from diffjax.models.edm2 import EDM2UNet
 from diffjax.models.embeddings import FourierEmbedding, PositionalEmbedding
 from diffjax.models.layers import Conv2d, GroupNorm, Init, Linear, UNetBlock
 from diffjax.models.song_unet import SongUNet
@@ -24,6 +26,7 @@ from diffjax.models.song_unet import SongUNet
 __all__ = [
   'ADMUNet',
   'Conv2d',
+  'EDM2UNet',
   'FourierEmbedding',
   'GroupNorm',
   'Init',
@@ -33,10 +36,12 @@ __all__ = [
   'SongUNet',
   'UNetBlock',
   'create_network',
+  'network_class',
 ]
 
 registry.add('network', 'song_unet', SongUNet)
 registry.add('network', 'adm_unet', ADMUNet)
+registry.add('network', 'edm2_unet', EDM2UNet)
 
 # EDM's two CIFAR-10 architectures (train.py --arch=ddpmpp / ncsnpp). EDM turns on the 9-d
 # augmentation label whenever augmentation is on, which it is for every published run; label_dim is
@@ -103,6 +108,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 PRESETS.update(ADM_PRESETS)  # DDPM, iDDPM and ADM (diffjax.models.adm_unet)
+PRESETS.update(EDM2_PRESETS)  # EDM2's magnitude-preserving U-Net (diffjax.models.edm2)
 
 for _name, _preset in PRESETS.items():
   registry.add('network_preset', _name, _preset)
@@ -111,6 +117,11 @@ for _name, _preset in PRESETS.items():
 def _hashable(value: Any) -> Any:
   """Lists (as config files give them) become tuples, so module fields stay hashable."""
   return tuple(value) if isinstance(value, list) else value
+
+
+def network_class(name: str) -> type:
+  """The registered network class preset `name` builds (e.g. EDM2UNet for 'edm2-img64-s')."""
+  return registry.get('network', registry.get('network_preset', name).get('network', 'song_unet'))
 
 
 def create_network(name: str, **overrides: Any) -> nn.Module:
@@ -129,7 +140,8 @@ def create_network(name: str, **overrides: Any) -> nn.Module:
     ValueError: if an override names a field the network does not have.
   """
   kwargs = dict(registry.get('network_preset', name))
-  constructor = registry.get('network', kwargs.pop('network', 'song_unet'))
+  constructor = network_class(name)
+  kwargs.pop('network', None)
   kwargs.update(overrides)
   fields = {f.name for f in dataclasses.fields(constructor) if f.init} - {'parent', 'name'}
   unknown = sorted(set(kwargs) - fields)

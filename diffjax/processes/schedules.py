@@ -273,5 +273,58 @@ registry.add('discretization', 'iddpm', iddpm_grid)
 
 
 def sigma_grid(name: str, n: int, **kwargs) -> np.ndarray:
-  """The σ-grid `name` ∈ {edm, vp, ve, iddpm} with n steps; kwargs go to the grid function."""
+  """The registered σ-grid `name` (edm = karras, vp, ve, iddpm, exponential, …) with n steps."""
   return registry.get('discretization', name)(n, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# More σ-grids of the k-diffusion family and DPM-Solver (issue 18). Same contract as above: float64
+# [n + 1], decreasing, last entry 0; `karras` is also registered under its own name.
+
+
+def exponential(n: int, sigma_min: float | None = EDM_SIGMA_MIN,
+                sigma_max: float | None = EDM_SIGMA_MAX) -> np.ndarray:
+  """Geometric levels, uniform in log σ: σ_i = exp(log σ_max + i/(N−1)(log σ_min − log σ_max)).
+
+  Uniform steps in λ = −log σ, the variable of DPM-Solver's exponential integrators
+  (k-diffusion's `get_sigmas_exponential`).
+  """
+  _check_steps(n)
+  sigma_min = EDM_SIGMA_MIN if sigma_min is None else sigma_min
+  sigma_max = EDM_SIGMA_MAX if sigma_max is None else sigma_max
+  log_max, log_min = math.log(sigma_max), math.log(sigma_min)
+  return _append_zero(np.exp(log_max + _ramp(n) * (log_min - log_max)))
+
+
+def polyexponential(n: int, sigma_min: float | None = EDM_SIGMA_MIN,
+                    sigma_max: float | None = EDM_SIGMA_MAX, rho: float = 1.0) -> np.ndarray:
+  """log σ polynomial in the ramp: σ_i = exp((1 − i/(N−1))^ρ (log σ_max − log σ_min) + log σ_min).
+
+  ρ = 1 is `exponential`; ρ > 1 puts more steps at low σ (k-diffusion's
+  `get_sigmas_polyexponential`).
+  """
+  _check_steps(n)
+  sigma_min = EDM_SIGMA_MIN if sigma_min is None else sigma_min
+  sigma_max = EDM_SIGMA_MAX if sigma_max is None else sigma_max
+  log_max, log_min = math.log(sigma_max), math.log(sigma_min)
+  return _append_zero(np.exp((1.0 - _ramp(n))**rho * (log_max - log_min) + log_min))
+
+
+def linear_logsnr(n: int, sigma_min: float | None = EDM_SIGMA_MIN,
+                  sigma_max: float | None = EDM_SIGMA_MAX) -> np.ndarray:
+  """Levels uniform in log-SNR (DPM-Solver's 'logSNR' time steps, Lu et al. 2022a §3.3).
+
+  log SNR = log(α²/σ_vp²) = −2 log σ in σ-space, so these are the `exponential` levels (up to
+  rounding); the name is the one DPM-Solver and VDM users know them by.
+  """
+  _check_steps(n)
+  sigma_min = EDM_SIGMA_MIN if sigma_min is None else sigma_min
+  sigma_max = EDM_SIGMA_MAX if sigma_max is None else sigma_max
+  lo, hi = -2.0 * math.log(sigma_max), -2.0 * math.log(sigma_min)
+  return _append_zero(np.exp(-0.5 * (lo + _ramp(n) * (hi - lo))))
+
+
+registry.add('discretization', 'karras', karras)
+registry.add('discretization', 'exponential', exponential)
+registry.add('discretization', 'polyexponential', polyexponential)
+registry.add('discretization', 'linear_logsnr', linear_logsnr)

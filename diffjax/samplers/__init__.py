@@ -4,6 +4,8 @@ Low level (σ-space, DESIGN.md's public API):
     x0 = samplers.heun(denoise_fn, latents * sigmas[0], sigmas, key=keys, s_churn=...)
     x0 = samplers.euler(...)
     x0 = samplers.generalized(denoise_fn, latents, num_steps=18, discretization='edm', ...)
+    x0 = samplers.dpmpp_2m(denoise_fn, latents * sigmas[0], sigmas)   # and the k-diffusion
+    x0 = samplers.unipc(denoise_fn, latents * sigmas[0], sigmas, order=3)  # family, UniPC, DEIS
     denoise_fn = samplers.guided(denoise_cond, denoise_uncond, w)
 
 High level (what configs name): every registered sampler has the signature
@@ -25,15 +27,34 @@ import jax.numpy as jnp
 from diffjax import registry
 from diffjax.precond import Preconditioning
 from diffjax.samplers import (
+  brownian,
   ddpm,  # noqa: F401  (registers 'ddpm', 'ddim')
+  deis_solver,  # registers 'deis'
   distilled,
+  dpm_solver,  # registers 'dpm_fast', 'dpm_adaptive'
   guidance,
+  kdiffusion,  # registers 'euler_ancestral', 'lms', 'dpm_2', …, 'dpmpp_3m_sde'
   momentum,  # noqa: F401  (registers 'momentum', 'soft_naive')
   noise,
   ode,
   sde,  # noqa: F401  (registers 'pc', 'pf_ode')
+  stepping,
+  unipc_solver,  # registers 'unipc', 'unipc_bh1'
 )
+from diffjax.samplers.deis_solver import deis
+from diffjax.samplers.dpm_solver import dpm_adaptive, dpm_fast
 from diffjax.samplers.guidance import combine, guided, guided_batched
+from diffjax.samplers.kdiffusion import (
+  dpm_2,
+  dpm_2_ancestral,
+  dpmpp_2m,
+  dpmpp_2m_sde,
+  dpmpp_2s_ancestral,
+  dpmpp_3m_sde,
+  dpmpp_sde,
+  euler_ancestral,
+  lms,
+)
 from diffjax.samplers.noise import latents, seed_keys
 from diffjax.samplers.ode import (
   edm_grid_for,
@@ -44,22 +65,30 @@ from diffjax.samplers.ode import (
   integrate,
   ode_derivative,
 )
+from diffjax.samplers.unipc_solver import unipc
 
 __all__ = [
-    'combine', 'distilled', 'edm_grid_for', 'euler', 'generalized', 'generalized_setup',
-    'get_sampler', 'guidance', 'guided', 'guided_batched', 'heun', 'integrate', 'latents', 'names',
-    'noise', 'ode', 'ode_derivative', 'seed_keys',
+    'brownian', 'combine', 'deis', 'deis_solver', 'distilled', 'dpm_2', 'dpm_2_ancestral',
+    'dpm_adaptive', 'dpm_fast', 'dpm_solver',
+    'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_2s_ancestral', 'dpmpp_3m_sde', 'dpmpp_sde', 'edm_grid_for',
+    'euler', 'euler_ancestral', 'generalized', 'generalized_setup', 'get_sampler', 'guidance',
+    'guided', 'guided_batched', 'heun', 'integrate', 'kdiffusion', 'latents', 'lms', 'names',
+    'noise', 'ode', 'ode_derivative', 'seed_keys', 'stepping', 'unipc', 'unipc_solver',
 ]
 
 
 def _edm_sampler(solver: str) -> Callable:
-  """The registry form of EDM's sampler with `solver`: Karras grid clamped to the network."""
+  """The registry form of EDM's sampler with `solver`: Karras grid clamped to the network.
+
+  `grid` names another σ-grid (`stepping.sigma_grid_for`), e.g. 'exponential'.
+  """
 
   def sampler(denoise_fn, latents: jax.Array, keys=None, *, precond: Preconditioning,
-              num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-              s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float('inf'),
-              s_noise: float = 1.0) -> jax.Array:
-    sigmas = edm_grid_for(precond, num_steps, sigma_min, sigma_max, rho)
+              num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
+              rho: Optional[float] = None, s_churn: float = 0.0, s_tmin: float = 0.0,
+              s_tmax: float = float('inf'), s_noise: float = 1.0,
+              grid: Optional[str] = None) -> jax.Array:
+    sigmas = stepping.sigma_grid_for(precond, num_steps, grid, sigma_min, sigma_max, rho)
     x = latents * jnp.asarray(sigmas[0], latents.dtype)
     return solve(denoise_fn, x, sigmas, key=keys, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
                  s_noise=s_noise, round_sigma=precond.round_sigma)
@@ -70,7 +99,8 @@ def _edm_sampler(solver: str) -> Callable:
   sampler.__doc__ = (
       f'EDM sampler with the {solver} solver on the Karras grid clamped to precond\'s σ range.\n\n'
       '  Args: denoise_fn, latents [B, ...] standard normal, keys [B] or None; precond, num_steps;\n'
-      '  sigma_min, sigma_max, rho (grid); s_churn, s_tmin, s_tmax, s_noise (EDM Alg. 2).\n')
+      '  sigma_min, sigma_max, rho, grid (the σ-grid); s_churn, s_tmin, s_tmax, s_noise (EDM\n'
+      '  Alg. 2).\n')
   return sampler
 
 

@@ -32,6 +32,7 @@ SOFT_STREAM = 5  # the step noise η of the Soft Diffusion samplers (samplers.mo
 PREDICTOR_STREAM = 6  # the predictor noise of the SDE predictor-corrector sampler (samplers.sde)
 PROBE_STREAM = 7  # Hutchinson–Skilling probes of the PF-ODE likelihood (likelihood)
 DEQUANTIZE_STREAM = 8  # uniform dequantization noise of the PF-ODE likelihood (likelihood)
+SOLVER_STREAM = 9  # step noise of the k-diffusion family (ancestral, SDE; samplers.kdiffusion)
 
 
 def seed_keys(seeds: Sequence[int] | np.ndarray) -> jax.Array:

@@ -229,7 +229,17 @@ def run(config, workdir: str, *, max_steps: Optional[int] = None,
 
   Returns:
     One dict per stage: name, workdir, num_steps, step, total_steps, done.
+
+  Raises:
+    runs.WorkdirLocked: another live run holds the workdir (each stage's `loop.train` also locks
+      its own directory).
   """
+  with runs.lock.hold(workdir):  # before anything is written: a second run refuses here
+    return _run_stages(config, workdir, max_steps=max_steps, progress=progress)
+
+
+def _run_stages(config, workdir: str, *, max_steps: Optional[int], progress: bool) -> list[dict]:
+  """The body of `run`, under the workdir lock."""
   os.makedirs(workdir, exist_ok=True)
   stages = plan(config, workdir)
   runs.save_config(config, workdir)

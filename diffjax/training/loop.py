@@ -7,7 +7,9 @@ hard kill at any moment, mid-save included. A non-finite loss stops the run nami
 and keeps the last good checkpoint; SIGTERM/SIGINT finish the step, save a checkpoint and raise
 `TrainingInterrupted` (the entry point exits 0 saying where the run resumes). Nothing in the workdir
 is written before the run has restored its state and opened its data, so a run that fails to start
-(bad config, missing data, damaged checkpoints) leaves the workdir as it was.
+(bad config, missing data, damaged checkpoints) leaves the workdir as it was — but for the workdir
+lock (`runs.lock`), taken before the run's files are read and removed when the run ends, which
+makes a second run on a live run's workdir stop without touching it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ class TrainingInterrupted(Exception):
 def total_steps(config) -> int:
   """Training length in steps from config.train.total_images (EDM counts images, not steps)."""
   return int(math.ceil(config.train.total_images / config.train.batch_size))
+
+
+def phema_stds(config) -> tuple:
+  """σ_rel of the post-hoc EMA profiles the run tracks (config.train.phema_stds; EDM2 runs)."""
+  return tuple(float(s) for s in (config.train.get('phema_stds') or ()))
 
 
 class _StopFlag:
@@ -182,6 +189,7 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
     checkpoint.NoCheckpointError: the workdir has checkpoints but none restores and verifies
       (the run does not start from scratch over them).
     checkpoint.CheckpointSaveError: a checkpoint could not be written (e.g. a full disk).
+    runs.WorkdirLocked: another live run holds the workdir (`runs.lock`).
   """
   with _StopFlag() as stop:  # From the start: a SIGTERM during start-up also exits cleanly.
     return _train(config, workdir, stop, max_steps=max_steps, progress=progress,
@@ -220,20 +228,28 @@ def _train(config, workdir, stop, *, max_steps, progress, objective, init_params
   def make_state():
     params = (init_params() if init_params is not None else
               build.init_params(denoiser.network, spec, key_init))
-    return state_lib.create_train_state(params, tx, objective.init_extra())
+    return state_lib.create_train_state(params, tx,
+                                        step_lib.initial_extra(objective, params,
+                                                               phema_stds(config)))
 
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR),
-                                       max_to_keep=int(config.train.keep_checkpoints))
-  resources = {}
-  try:
-    state = _run(config, workdir, stop, checkpointer, resources, is_main=is_main, mesh=mesh,
-                 spec=spec, denoiser=denoiser, objective=objective, tx=tx,
-                 make_state=make_state, key_train=key_train, max_steps=max_steps,
-                 progress=progress, init_params=init_params)
-  except BaseException:
-    _close(checkpointer, resources, quiet=True)  # Don't mask the error already propagating.
-    raise
-  _close(checkpointer, resources, quiet=False)
+  # The network is traced (not compiled) once here, so that a config it cannot take fails before
+  # the workdir lock: a bad config says what is wrong whether or not another run is live.
+  jax.eval_shape(make_state)
+  # Then the workdir lock (`runs.lock`), before the run's files are read or written: a second run
+  # on a live run's workdir stops here and touches nothing.
+  with runs.lock.hold(workdir):
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR),
+                                         max_to_keep=int(config.train.keep_checkpoints))
+    resources = {}
+    try:
+      state = _run(config, workdir, stop, checkpointer, resources, is_main=is_main, mesh=mesh,
+                   spec=spec, denoiser=denoiser, objective=objective, tx=tx,
+                   make_state=make_state, key_train=key_train, max_steps=max_steps,
+                   progress=progress, init_params=init_params)
+    except BaseException:
+      _close(checkpointer, resources, quiet=True)  # Don't mask the error already propagating.
+      raise
+    _close(checkpointer, resources, quiet=False)
   return state
 
 
@@ -255,7 +271,7 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
   """The body of `train`: restore, then step, log, save and preview until done or stopped."""
   batch_size = int(config.train.batch_size)
   rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  from diffjax import data  # TensorFlow loads here, not at import time.
+  from diffjax import data  # Lazy: tensorflow_datasets loads only when data is read.
   if checkpointer.steps():
     abstract = ckpt_lib.abstract_like(jax.eval_shape(make_state), rep)
     # Unusable newer steps are moved aside (to checkpoints/damaged/) so they can be redone.
@@ -275,8 +291,9 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
       start_step=start, data_dir=config.data.data_dir or None, x_flip=bool(config.data.x_flip))
   if state is None and init_params is not None:
     # Given params (e.g. a teacher's) are placed as they are, not baked into a jitted init.
-    state = jax.device_put(state_lib.create_train_state(init_params(), tx,
-                                                        objective.init_extra()), rep)
+    params = init_params()
+    state = jax.device_put(state_lib.create_train_state(
+        params, tx, step_lib.initial_extra(objective, params, phema_stds(config))), rep)
   elif state is None:
     state = jax.jit(make_state, out_shardings=rep)()
 
@@ -286,8 +303,9 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
       objective, tx, batch_size=batch_size,
       ema_halflife_images=config.train.ema_halflife_images,
       ema_rampup_ratio=config.train.ema_rampup_ratio,
-      skip_nonfinite=bool(config.train.skip_nonfinite),
-      lr_fn=lambda s: state_lib.learning_rate(s, o.lr, o.lr_rampup_images, batch_size))
+      skip_nonfinite=bool(config.train.skip_nonfinite), phema_stds=phema_stds(config),
+      lr_fn=lambda s: state_lib.learning_rate(s, o.lr, o.lr_rampup_images, batch_size,
+                                              float(o.get('lr_decay_images', 0.0))))
   jitted_step = jax.jit(train_step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep),
                         donate_argnums=(0,))
   preview = _make_preview(config, denoiser, spec, mesh)

@@ -200,6 +200,8 @@ def test_digits_result_names_say_what_was_evaluated():
   assert name(1200, 'heun', 18, 0.5, {}) == 'digits_00001200_heun18_w0p5'
   assert name(1200, 'heun', 18, 0.0, {'churn': 40.0, 's_noise': 1.003}, 500, 7) == (
     'digits_00001200_heun18_churn40_noise1p003_n500_seed7')
+  assert name(1200, 'dpmpp_2m', 10, 0.0, {'grid': 'exponential'}) == (
+    'digits_00001200_dpmpp_2m10_gridexponential')
   settings = [('heun', 18, 0.0), ('heun', 9, 0.0), ('euler', 18, 0.0), ('heun', 18, 2.0)]
   assert len({name(1200, *x, {}) for x in settings}) == len(settings)
 

@@ -114,5 +114,5 @@ def test_vp_scaling_is_alpha():
 
 
 def test_unknown_discretization_lists_known_names():
-  with pytest.raises(registry.UnknownNameError, match='edm, iddpm, ve, vp'):
+  with pytest.raises(registry.UnknownNameError, match='edm, exponential, iddpm, karras, linear_logsnr, polyexponential, ve, vp'):
     schedules.sigma_grid('karas', 18)
