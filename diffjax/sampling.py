@@ -293,21 +293,30 @@ class _Shards:
 
     kept, grid = [], []
 
+    def write_images(zf, name: str, first: bool) -> None:
+      with zf.open(f'{name}.npy', 'w', force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(member, {
+            'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)), 'fortran_order': False,
+            'shape': (len(seeds), *shape)})
+        for lo in range(0, len(seeds), 256):
+          chunk = np.stack([image(s) for s in seeds[lo:lo + 256]]).astype(np.uint8)
+          member.write(chunk.tobytes())
+          if first and keep:
+            kept.append(chunk)
+          if first and sum(map(len, grid)) < GRID_MAX:
+            grid.append(chunk[:GRID_MAX - sum(map(len, grid))])
+
     def write_npz(f) -> None:
       with zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
-        with zf.open('images.npy', 'w', force_zip64=True) as member:
-          np.lib.format.write_array_header_1_0(member, {
-              'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)), 'fortran_order': False,
-              'shape': (len(seeds), *shape)})
-          for lo in range(0, len(seeds), 256):
-            chunk = np.stack([image(s) for s in seeds[lo:lo + 256]]).astype(np.uint8)
-            member.write(chunk.tobytes())
-            if keep:
-              kept.append(chunk)
-            if sum(map(len, grid)) < GRID_MAX:
-              grid.append(chunk[:GRID_MAX - sum(map(len, grid))])
-        for name, value in (('seeds', np.asarray(seeds)),
-                            ('labels', np.asarray(labels if labels is not None else []))):
+        # `images` for diffjax; `arr_0` (and `arr_1`, the labels) as openai's evaluator
+        # (guided-diffusion's evaluations/evaluator.py) reads a sample batch.
+        write_images(zf, 'images', first=True)
+        write_images(zf, 'arr_0', first=False)
+        arrays = [('seeds', np.asarray(seeds)),
+                  ('labels', np.asarray(labels if labels is not None else []))]
+        if labels is not None:
+          arrays.append(('arr_1', np.asarray(labels)))
+        for name, value in arrays:
           with zf.open(f'{name}.npy', 'w', force_zip64=True) as member:
             np.lib.format.write_array(member, value)
 

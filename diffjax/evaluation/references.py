@@ -73,9 +73,9 @@ def check_reference(ref: str, *, need_features: bool = False, split: str = 'trai
           '(.npz or folder), a dataset name, or statistics made with `evaluate.py ref --features`.'
         )
       return 'statistics'
-    if 'images' in keys:
+    if 'images' in keys or 'arr_0' in keys:  # ours, or an openai reference batch of images
       return 'images'
-    raise ValueError(f'{ref} has neither `mu`/`sigma` (statistics) nor `images` (keys: '
+    raise ValueError(f'{ref} has neither `mu`/`sigma` (statistics) nor `images` / `arr_0` (keys: '
                      f'{", ".join(sorted(keys))}).')
   if _split_dataset_name(ref, split) is not None:
     return 'dataset'

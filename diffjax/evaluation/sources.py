@@ -103,10 +103,12 @@ def file_source(path: str, batch_size: int = 256) -> ImageSource:
     raise ValueError(f'Cannot read images from {path}: pass an .npz with `images` (uint8 NHWC) or a '
                      'folder of PNG files.')
   with np.load(path) as data:
-    if 'images' not in data.files:
+    # `images` (diffjax's sample.py), else `arr_0` (openai's sample and reference batches).
+    key = next((k for k in ('images', 'arr_0') if k in data.files), None)
+    if key is None:
       raise ValueError(f'{path} has no `images` array (keys: {", ".join(sorted(data.files))}); an image '
-                       '.npz needs uint8 `images` [N, H, W, C].')
-    images = data['images']
+                       '.npz needs uint8 `images` (or openai\'s `arr_0`) [N, H, W, C].')
+    images = data[key]
   return array_source(images, path, batch_size)
 
 

@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax.models.embeddings import positional_embedding
+from diffjax.models.embeddings import conditioning_labels, positional_embedding
 from diffjax.models.layers import Conv2d, GroupNorm, Init, Linear, UNetBlock, conv2d, weight_init
 
 Array = jax.Array
@@ -193,16 +193,9 @@ class ADMUNet(nn.Module):
     emb = nn.silu(Linear(emb_ch, init_spec=init, dtype=dt, name='map_layer0')(emb))
     emb = Linear(emb_ch, init_spec=init, dtype=dt, name='map_layer1')(emb)
     if self.label_dim:
-      if class_labels is None:  # the null label of classifier-free guidance
-        class_labels = jnp.zeros((batch, self.label_dim), jnp.float32)
-      if class_labels.shape != (batch, self.label_dim):
-        raise ValueError(f'class_labels must be one-hot of shape [{batch}, {self.label_dim}], '
-                         f'got {tuple(class_labels.shape)}; use jax.nn.one_hot(labels, '
-                         f'{self.label_dim}).')
-      labels = jnp.asarray(class_labels, jnp.float32)
-      if train and self.label_dropout:
-        keep = jax.random.uniform(self.make_rng('dropout'), (batch, 1)) >= self.label_dropout
-        labels = labels * keep
+      labels = conditioning_labels(class_labels, self.label_dim, batch,
+                                   label_dropout=self.label_dropout,
+                                   dropout_key=self.make_rng('dropout') if train and self.label_dropout else None)
       # A bias-free Linear on one-hot labels is ADM's nn.Embedding(num_classes, emb_ch), N(0, 1).
       emb = emb + Linear(emb_ch, use_bias=False, dtype=dt, name='map_label',
                          init_spec=Init('kaiming_normal', weight=math.sqrt(self.label_dim)))(labels)

@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffjax.models.embeddings import conditioning_labels
+
 Array = jax.Array
 
 WEIGHT_EPS = 1e-4        # ε of normalize() (EDM2 Eq. 47 and 66)
@@ -342,16 +344,9 @@ class EDM2UNet(nn.Module):
     emb = MPFourier(cnoise, name='emb_fourier')(noise_labels).astype(self.dtype)
     emb = MPConv(cemb, 0, dtype=self.dtype, name='emb_noise')(emb)
     if self.label_dim:
-      if class_labels is None:  # The null label: what label dropout substitutes.
-        class_labels = jnp.zeros((batch, self.label_dim), jnp.float32)
-      if class_labels.shape != (batch, self.label_dim):
-        raise ValueError(f'class_labels must be one-hot of shape [{batch}, {self.label_dim}], got '
-                         f'{tuple(class_labels.shape)}; use jax.nn.one_hot(labels, '
-                         f'{self.label_dim}).')
-      labels = jnp.asarray(class_labels, jnp.float32)
-      if train and self.label_dropout:
-        keep = jax.random.uniform(self.make_rng('dropout'), (batch, 1)) >= self.label_dropout
-        labels = labels * keep
+      labels = conditioning_labels(class_labels, self.label_dim, batch,
+                                   label_dropout=self.label_dropout,
+                                   dropout_key=self.make_rng('dropout') if train and self.label_dropout else None)
       # sqrt(label_dim) gives a one-hot vector unit magnitude, like the noise embedding.
       label_emb = MPConv(cemb, 0, dtype=self.dtype, name='emb_label')(
           labels * math.sqrt(self.label_dim))

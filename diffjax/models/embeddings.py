@@ -111,3 +111,32 @@ class FourierEmbedding(nn.Module):
     freqs = 2 * np.pi * omega
     arg = jnp.asarray(x, jnp.float32)[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.cos(arg), jnp.sin(arg)], axis=-1)
+
+
+def conditioning_labels(class_labels, label_dim: int, batch: int, *, label_dropout: float = 0.0,
+                        dropout_key=None) -> jax.Array:
+  """The class labels a conditional network embeds: checked, float32, with label dropout.
+
+  Args:
+    class_labels: one-hot [B, label_dim], or None for the null (all-zero) label that label dropout
+      substitutes and classifier-free guidance conditions on.
+    label_dim: the number of classes.
+    batch: B.
+    label_dropout: probability of replacing a label by the null label (training only: pass a key).
+    dropout_key: PRNG key of the dropout; None applies no dropout (evaluation).
+
+  Returns:
+    float32 [B, label_dim].
+
+  Raises:
+    ValueError: in one sentence, for labels of another shape.
+  """
+  if class_labels is None:
+    return jnp.zeros((batch, label_dim), jnp.float32)
+  if class_labels.shape != (batch, label_dim):
+    raise ValueError(f'class_labels must be one-hot of shape [{batch}, {label_dim}], got '
+                     f'{tuple(class_labels.shape)}; use jax.nn.one_hot(labels, {label_dim}).')
+  labels = jnp.asarray(class_labels, jnp.float32)
+  if dropout_key is not None and label_dropout:
+    labels = labels * (jax.random.uniform(dropout_key, (batch, 1)) >= label_dropout)
+  return labels

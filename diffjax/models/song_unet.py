@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax.models.embeddings import FourierEmbedding, PositionalEmbedding
+from diffjax.models.embeddings import FourierEmbedding, PositionalEmbedding, conditioning_labels
 from diffjax.models.layers import Conv2d, GroupNorm, Init, Linear, UNetBlock
 
 Array = jax.Array
@@ -135,17 +135,9 @@ class SongUNet(nn.Module):
     emb = jnp.concatenate(jnp.split(emb, 2, axis=-1)[::-1], axis=-1).astype(dt)
 
     if self.label_dim:
-      if class_labels is None:  # The null label: what label dropout substitutes, used for CFG.
-        class_labels = jnp.zeros((batch, self.label_dim), jnp.float32)
-      if class_labels.shape != (batch, self.label_dim):
-        raise ValueError(
-          f'class_labels must be one-hot of shape [{batch}, {self.label_dim}], '
-          f'got {tuple(class_labels.shape)}; use jax.nn.one_hot(labels, {self.label_dim}).'
-        )
-      labels = jnp.asarray(class_labels, jnp.float32)
-      if train and self.label_dropout:
-        keep = jax.random.uniform(self.make_rng('dropout'), (batch, 1)) >= self.label_dropout
-        labels = labels * keep
+      labels = conditioning_labels(class_labels, self.label_dim, batch,
+                                   label_dropout=self.label_dropout,
+                                   dropout_key=self.make_rng('dropout') if train and self.label_dropout else None)
       # sqrt(label_dim) makes a one-hot vector unit-variance per entry, like the noise embedding.
       emb = emb + Linear(noise_ch, init_spec=_INIT, dtype=dt, name='map_label')(
         labels * math.sqrt(self.label_dim)

@@ -135,7 +135,7 @@ def dpm_fast(denoise_fn: DenoiseFn, x, sigmas, *, key=None, eta: float = 0.0,
   nfe = p.num_steps - 1 if to_zero else p.num_steps
   if nfe < 1:
     raise ValueError('DPM-Solver-fast to σ = 0 needs a grid of at least 2 steps.')
-  stochastic = not (stepping.equals(eta, 0.0) or stepping.equals(s_noise, 0.0))
+  stochastic = stepping.adds_noise(eta, s_noise)
   noise_fn = None
   if stochastic:
     noise_fn = brownian.make(noise_sampler, key, p.x.shape[0], p.x.shape[1:], sigma_max, p.dtype)

@@ -83,7 +83,7 @@ def euler_ancestral(denoise_fn: DenoiseFn, x, sigmas, *, key=None, eta: float = 
   """
   p = stepping.setup(denoise_fn, x, sigmas, eta, s_noise)
   eta_, s_noise_ = p.params
-  stochastic = not (stepping.equals(eta, 0.0) or stepping.equals(s_noise, 0.0))
+  stochastic = stepping.adds_noise(eta, s_noise)
 
   def make(xp, sigma, sigma_next):
     down, up = stepping.ancestral_step(xp, sigma, sigma_next, eta_)
@@ -262,7 +262,7 @@ def dpm_2_ancestral(denoise_fn: DenoiseFn, x, sigmas, *, key=None, eta: float = 
   """
   p = stepping.setup(denoise_fn, x, sigmas, eta, s_noise)
   eta_, s_noise_ = p.params
-  stochastic = not (stepping.equals(eta, 0.0) or stepping.equals(s_noise, 0.0))
+  stochastic = stepping.adds_noise(eta, s_noise)
 
   def make(xp, sigma, sigma_next):
     down, up = stepping.ancestral_step(xp, sigma, sigma_next, eta_)
@@ -312,7 +312,7 @@ def dpmpp_2s_ancestral(denoise_fn: DenoiseFn, x, sigmas, *, key=None, eta: float
   """
   p = stepping.setup(denoise_fn, x, sigmas, eta, s_noise)
   eta_, s_noise_ = p.params
-  stochastic = not (stepping.equals(eta, 0.0) or stepping.equals(s_noise, 0.0))
+  stochastic = stepping.adds_noise(eta, s_noise)
 
   def make(xp, sigma, sigma_next):
     down, up = stepping.ancestral_step(xp, sigma, sigma_next, eta_)
@@ -365,7 +365,7 @@ def dpmpp_sde(denoise_fn: DenoiseFn, x, sigmas, *, key=None, eta: float = 1.0,
   """
   p = stepping.setup(denoise_fn, x, sigmas, eta, s_noise, r)
   eta_, s_noise_, r_ = p.params
-  stochastic = not (stepping.equals(eta, 0.0) or stepping.equals(s_noise, 0.0))
+  stochastic = stepping.adds_noise(eta, s_noise)
 
   def make(xp, sigma, sigma_next):
     t, t_next = -_log(xp, sigma), -_log(xp, sigma_next)
@@ -475,7 +475,7 @@ def dpmpp_2m_sde(denoise_fn: DenoiseFn, x, sigmas, *, key=None, eta: float = 1.0
     raise ValueError(f'Unknown solver_type {solver_type!r}; known: {", ".join(SDE_SOLVER_TYPES)}.')
   p = stepping.setup(denoise_fn, x, sigmas, eta, s_noise)
   eta_, s_noise_ = p.params
-  stochastic = not (stepping.equals(eta, 0.0) or stepping.equals(s_noise, 0.0))
+  stochastic = stepping.adds_noise(eta, s_noise)
 
   def make(xp, sigmas):
     sigma, sigma_next = sigmas[:-1], sigmas[1:]
@@ -532,7 +532,7 @@ def dpmpp_3m_sde(denoise_fn: DenoiseFn, x, sigmas, *, key=None, eta: float = 1.0
   """
   p = stepping.setup(denoise_fn, x, sigmas, eta, s_noise)
   eta_, s_noise_ = p.params
-  stochastic = not (stepping.equals(eta, 0.0) or stepping.equals(s_noise, 0.0))
+  stochastic = stepping.adds_noise(eta, s_noise)
 
   def make(xp, sigmas):
     sigma, sigma_next = sigmas[:-1], sigmas[1:]

@@ -119,6 +119,12 @@ def setup(denoise_fn: DenoiseFn, x, sigmas, *params) -> Problem:
   return Problem(x.reshape(x.shape[0], -1), tuple(x.shape), grid, params, xp, denoise_fn)
 
 
+def adds_noise(eta, s_noise) -> bool:
+  """Whether an ancestral/SDE solver draws noise: not when eta or s_noise is exactly 0 at trace time
+  (the solver is then its deterministic counterpart and needs no key)."""
+  return not (equals(eta, 0.0) or equals(s_noise, 0.0))
+
+
 def tables(problem: Problem, fn: Callable, *args):
   """fn(xp, *args): the tables, with numpy's warnings about log(0) and 1/0 silenced.
 

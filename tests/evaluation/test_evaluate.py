@@ -137,6 +137,15 @@ def test_fid_of_images_against_references(variables, digits, tmp_path):
   assert result['kid_mean'] == pytest.approx(expected_kid[0], rel=1e-3, abs=1e-6)
 
 
+def test_openai_batches_are_read_as_images(digits, tmp_path):
+  """openai's sample and reference batches keep their images as `arr_0`."""
+  path = str(tmp_path / 'openai.npz')
+  np.savez(path, arr_0=digits[:5], arr_1=np.arange(5))
+  assert ev.check_reference(path) == 'images'
+  read = np.concatenate(list(ev.file_source(path, batch_size=2).batches()))
+  np.testing.assert_array_equal(read, digits[:5])
+
+
 def test_kid_needs_reference_features(tmp_path):
   stats = fidlib.Statistics(np.zeros(3), np.eye(3), 4)
   fidlib.save_statistics(tmp_path / 's.npz', stats)

@@ -83,10 +83,13 @@ def test_killed_sample_py_resumes_to_the_uninterrupted_result(run_dir, tmp_path)
   left = SEEDS // BATCH - done
   assert f' {left}/{left} ' in rerun.stderr  # the progress bar: only the missing batches
   ref, got = np.load(os.path.join(ref_out, 'samples.npz')), np.load(os.path.join(out, 'samples.npz'))
-  assert sorted(got.files) == ['images', 'labels', 'seeds']
+  assert sorted(got.files) == ['arr_0', 'arr_1', 'images', 'labels', 'seeds']
   assert got['images'].shape == (SEEDS, 8, 8, 1) and got['images'].dtype == np.uint8
-  for name in ('images', 'seeds', 'labels'):
+  for name in ('images', 'seeds', 'labels', 'arr_0', 'arr_1'):
     np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
+  # openai's evaluator reads the same samples as `arr_0` and their class labels as `arr_1`.
+  np.testing.assert_array_equal(got['arr_0'], got['images'])
+  np.testing.assert_array_equal(got['arr_1'], got['labels'])
   assert got['seeds'].tolist() == list(range(SEEDS))
   assert open(os.path.join(out, 'grid.png'), 'rb').read() == open(
       os.path.join(ref_out, 'grid.png'), 'rb').read()
