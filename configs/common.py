@@ -55,6 +55,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def digits_schedule(c: ml_collections.ConfigDict, preset: str) -> None:
+  """The CPU-sized run length, logging and previews of the `digits` (800 steps of 128) and `tiny`
+  (20 steps, test-sized) presets that the EDM-family configs share; lr and checkpointing
+  stay each config's own."""
+  digits = preset == 'digits'
+  c.optim.lr_rampup_images = 20e3
+  c.train.batch_size = 128
+  c.train.total_images = 128 * (800 if digits else 20)
+  c.train.ema_halflife_images = 50e3 if digits else 500.0
+  c.train.log_every = 50 if digits else 5
+  c.train.sample_every = 400 if digits else 0
+  c.train.num_preview = 100 if digits else 8
+  c.sample.num_steps = 18 if digits else 4
+
+
 def parse_arg(arg: str | None, presets: dict, options: dict, default: str):
   """Splits `preset[,option...]` into the preset name and its options.
 

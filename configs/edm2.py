@@ -69,16 +69,9 @@ def get_config(arg: str | None = None):
     # FD 3.08 / 0.975 (σ_rel 0.05: 3.07, 0.07: 3.09, 0.10: 3.19, 0.15: 3.57). configs/edm.py:digits
     # scored FD 1.62 / 0.981 at the same step.
     c.optim.lr = 2e-2
-    c.optim.lr_rampup_images = 20e3
     c.optim.lr_decay_images = 128 * 200      # t_ref = 200 steps: lr halves by step 800
-    c.train.batch_size = 128
-    c.train.total_images = 128 * (800 if preset == 'digits' else 20)
-    c.train.ema_halflife_images = 50e3 if preset == 'digits' else 500.0
-    c.train.log_every = 50 if preset == 'digits' else 5
+    common.digits_schedule(c, preset)
     c.train.checkpoint_every = 100 if preset == 'digits' else 5  # 8 and 4 snapshots
-    c.train.sample_every = 400 if preset == 'digits' else 0
-    c.train.num_preview = 100 if preset == 'digits' else 8
-    c.sample.num_steps = 18 if preset == 'digits' else 4
 
   if 'uncond' in options:
     c.data.conditional = False

@@ -81,9 +81,7 @@ def euler_ancestral(denoise_fn: DenoiseFn, x, sigmas, *, key=None, eta: float = 
   Returns:
     The samples [B, ...].
   """
-  p = stepping.setup(denoise_fn, x, sigmas, eta, s_noise)
-  eta_, s_noise_ = p.params
-  stochastic = stepping.adds_noise(eta, s_noise)
+  p, eta_, s_noise_, stochastic = stepping.setup_ancestral(denoise_fn, x, sigmas, eta, s_noise)
 
   def make(xp, sigma, sigma_next):
     down, up = stepping.ancestral_step(xp, sigma, sigma_next, eta_)
@@ -260,9 +258,7 @@ def dpm_2_ancestral(denoise_fn: DenoiseFn, x, sigmas, *, key=None, eta: float = 
   Returns:
     The samples [B, ...].
   """
-  p = stepping.setup(denoise_fn, x, sigmas, eta, s_noise)
-  eta_, s_noise_ = p.params
-  stochastic = stepping.adds_noise(eta, s_noise)
+  p, eta_, s_noise_, stochastic = stepping.setup_ancestral(denoise_fn, x, sigmas, eta, s_noise)
 
   def make(xp, sigma, sigma_next):
     down, up = stepping.ancestral_step(xp, sigma, sigma_next, eta_)
@@ -310,9 +306,7 @@ def dpmpp_2s_ancestral(denoise_fn: DenoiseFn, x, sigmas, *, key=None, eta: float
   Returns:
     The samples [B, ...].
   """
-  p = stepping.setup(denoise_fn, x, sigmas, eta, s_noise)
-  eta_, s_noise_ = p.params
-  stochastic = stepping.adds_noise(eta, s_noise)
+  p, eta_, s_noise_, stochastic = stepping.setup_ancestral(denoise_fn, x, sigmas, eta, s_noise)
 
   def make(xp, sigma, sigma_next):
     down, up = stepping.ancestral_step(xp, sigma, sigma_next, eta_)
@@ -473,9 +467,7 @@ def dpmpp_2m_sde(denoise_fn: DenoiseFn, x, sigmas, *, key=None, eta: float = 1.0
   """
   if solver_type not in SDE_SOLVER_TYPES:
     raise ValueError(f'Unknown solver_type {solver_type!r}; known: {", ".join(SDE_SOLVER_TYPES)}.')
-  p = stepping.setup(denoise_fn, x, sigmas, eta, s_noise)
-  eta_, s_noise_ = p.params
-  stochastic = stepping.adds_noise(eta, s_noise)
+  p, eta_, s_noise_, stochastic = stepping.setup_ancestral(denoise_fn, x, sigmas, eta, s_noise)
 
   def make(xp, sigmas):
     sigma, sigma_next = sigmas[:-1], sigmas[1:]
@@ -530,9 +522,7 @@ def dpmpp_3m_sde(denoise_fn: DenoiseFn, x, sigmas, *, key=None, eta: float = 1.0
   Returns:
     The samples [B, ...].
   """
-  p = stepping.setup(denoise_fn, x, sigmas, eta, s_noise)
-  eta_, s_noise_ = p.params
-  stochastic = stepping.adds_noise(eta, s_noise)
+  p, eta_, s_noise_, stochastic = stepping.setup_ancestral(denoise_fn, x, sigmas, eta, s_noise)
 
   def make(xp, sigmas):
     sigma, sigma_next = sigmas[:-1], sigmas[1:]

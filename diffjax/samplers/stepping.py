@@ -119,6 +119,14 @@ def setup(denoise_fn: DenoiseFn, x, sigmas, *params) -> Problem:
   return Problem(x.reshape(x.shape[0], -1), tuple(x.shape), grid, params, xp, denoise_fn)
 
 
+def setup_ancestral(denoise_fn: DenoiseFn, x, sigmas, eta, s_noise):
+  """`setup` for a solver with eta and s_noise: (problem, eta, s_noise as the problem's constants,
+  whether it draws noise at all; see `adds_noise`)."""
+  problem = setup(denoise_fn, x, sigmas, eta, s_noise)
+  eta_, s_noise_ = problem.params
+  return problem, eta_, s_noise_, adds_noise(eta, s_noise)
+
+
 def adds_noise(eta, s_noise) -> bool:
   """Whether an ancestral/SDE solver draws noise: not when eta or s_noise is exactly 0 at trace time
   (the solver is then its deterministic counterpart and needs no key)."""
