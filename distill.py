@@ -24,6 +24,9 @@ _EVALUATE = flags.DEFINE_bool('evaluate', False, 'Score the finished stages (dig
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 1000, 'Images per evaluation.')
 _GUIDANCE = flags.DEFINE_float('guidance', None, 'Guidance weight w for --evaluate (default: '
                                'config.distill.sample_guidance).')
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False, 'Resume stages even if their config differs in what their '
+    'checkpoints depend on (network, preconditioning, loss, data, batch size).')
 _DEBUG = cli.define_debug()
 _NO_PROGRESS = cli.define_no_progress()
 
@@ -45,7 +48,8 @@ def main(argv):
                               guidance=_GUIDANCE.value)
       return
     report = distill.run(config, _WORKDIR.value, max_steps=_MAX_STEPS.value,
-                         progress=not _NO_PROGRESS.value)
+                         progress=not _NO_PROGRESS.value,
+                         allow_config_change=_ALLOW_CHANGE.value)
     done = all(stage['done'] for stage in report) and len(report) == len(
         distill.plan(config, _WORKDIR.value))
     print(('Done: ' if done else 'Stopped (rerun to resume): ') + _WORKDIR.value, flush=True)

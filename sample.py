@@ -15,6 +15,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of a train.py run.')
 _OUT = flags.DEFINE_string('out', None, 'Output directory (default: WORKDIR/samples/cli).')
 _SEEDS = flags.DEFINE_string('seeds', '0-63', 'Seeds, e.g. 0-63 or 0,5,10-19.')
 _SAMPLING = cli.define_sampler_flags()
+_GUIDANCE = cli.define_guidance_flags()
 _CLASS = flags.DEFINE_integer('class', None, 'Class label for every image (default: seed mod classes).')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Images per batch.')
 _DEBUG = cli.define_debug()
@@ -30,7 +31,7 @@ def main(argv):
         _WORKDIR.value, _SEEDS.value, out=_OUT.value, sampler=_SAMPLING.sampler.value,
         num_steps=_SAMPLING.steps.value, class_label=_CLASS.value,
         guidance=_SAMPLING.guidance.value, batch_size=_BATCH.value, progress=True,
-        return_images=False, **_SAMPLING.options())
+        return_images=False, **_GUIDANCE.options(), **_SAMPLING.options())
     if parallel.is_main_process():
       print(f'Wrote {out["grid"]} and {out["npz"]}', flush=True)
 

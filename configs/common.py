@@ -15,11 +15,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ''          # '' = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
   c.data.conditional = True     # feed class labels to the network
   c.data.x_flip = False         # dataset x-flips (EDM uses augmentation instead)
+  c.data.skip_bad_images = False  # image folders: skip files that are not images or do not decode
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = 'ddpmpp_cifar10'
   c.model.kwargs = ml_collections.ConfigDict({'dropout': 0.13, 'label_dropout': 0.0,
                                               'dtype': 'float32'})
+  c.model.remat = 'none'        # 'blocks' | 'full': rematerialize the U-Net blocks (less memory)
 
   c.precond = ml_collections.ConfigDict({'name': 'edm', 'kwargs': {'sigma_data': 0.5}})
   c.loss = ml_collections.ConfigDict({'name': 'edm', 'kwargs': {'p_mean': -1.2, 'p_std': 1.2,
@@ -45,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.sample_every = 10000  # 0 = previews only at the end
   c.train.num_preview = 64
   c.train.skip_nonfinite = False
+  # Activations and matmuls in float32 | bfloat16 | float16; params, optimizer and EMA stay float32.
+  c.train.compute_dtype = 'float32'
+  c.train.loss_scale_init = 2.0**15  # float16 only: dynamic loss scale S at step 0,
+  c.train.loss_scale_period = 2000   # doubled after this many finite steps, halved on overflow.
 
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = 'heun'

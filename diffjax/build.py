@@ -40,11 +40,46 @@ def num_classes(config, spec) -> int:
   return int(spec.num_classes) if config.data.conditional else 0
 
 
-def build_network(config, spec):
-  """The Flax network of config.model (a preset plus keyword overrides) for this dataset."""
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def _dtype(name: str, flag: str):
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'Unknown compute dtype {name!r} ({flag}); known: '
+                     f'{", ".join(COMPUTE_DTYPES)}.')
+  return COMPUTE_DTYPES[name]
+
+
+def compute_dtype(config) -> str:
+  """The name of the run's compute dtype: config.train.compute_dtype, else config.model.kwargs.dtype.
+
+  Parameters, optimizer state and EMA are float32 whatever it is; only the network's activations
+  and matmuls use it. The two fields may not name two different non-float32 dtypes.
+  """
+  train = config.get('train') or {}
   kwargs = _kwargs(config.model.get('kwargs'))
-  if 'dtype' in kwargs and isinstance(kwargs['dtype'], str):
-    kwargs['dtype'] = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[kwargs['dtype']]
+  wanted = str(train.get('compute_dtype', 'float32') or 'float32')
+  legacy = kwargs.get('dtype', 'float32')
+  legacy = legacy if isinstance(legacy, str) else jnp.dtype(legacy).name
+  _dtype(wanted, '--config.train.compute_dtype')
+  _dtype(legacy, '--config.model.kwargs.dtype')
+  if wanted != 'float32' and legacy != 'float32' and wanted != legacy:
+    raise ValueError(f'config.train.compute_dtype={wanted} and config.model.kwargs.dtype={legacy} '
+                     'disagree; set only --config.train.compute_dtype.')
+  return wanted if wanted != 'float32' else legacy
+
+
+def build_network(config, spec):
+  """The Flax network of config.model (a preset plus keyword overrides) for this dataset.
+
+  Its compute dtype is `compute_dtype(config)`; config.model.remat ('none', 'blocks', 'full')
+  rematerializes its blocks in the backward pass (`models.layers.REMAT_POLICIES`).
+  """
+  kwargs = _kwargs(config.model.get('kwargs'))
+  kwargs['dtype'] = COMPUTE_DTYPES[compute_dtype(config)]
+  remat = str(config.model.get('remat', 'none') or 'none')
+  if remat != 'none':  # Networks built without it keep their defaults (and their hash).
+    kwargs['remat'] = remat
   out_channels = spec.channels * int(config.model.get('out_channel_mult', 1))
   return models.create_network(
       config.model.preset, img_resolution=spec.resolution, in_channels=spec.channels,
@@ -80,16 +115,24 @@ def build_denoiser(config, spec) -> precond_lib.Denoiser:
 def build_optimizer(config):
   """Adam of config.optim; EDM2's lr decay (optim.lr_decay_images) and forced weight norm.
 
+  In float16 (`compute_dtype`) the whole chain is wrapped in `state.dynamic_loss_scale`.
+
   A network class with a `project_params(params) -> params` (EDM2UNet) gets it as the optimizer's
   last link (`state.project_updates`): that is where the train step keeps its stored weights
   projected.
   """
   o = config.optim
   project = getattr(models.network_class(config.model.preset), 'project_params', None)
-  return state_lib.make_optimizer(
+  tx = state_lib.make_optimizer(
       o.lr, config.train.batch_size, rampup_images=o.lr_rampup_images, b1=o.b1, b2=o.b2,
       eps=o.eps, grad_clip=o.grad_clip, decay_images=float(o.get('lr_decay_images', 0.0)),
       project=project)
+  if compute_dtype(config) == 'float16':
+    # float16 gradients underflow without a loss scale (bfloat16 has float32's exponent range).
+    t = config.train
+    tx = state_lib.dynamic_loss_scale(tx, init_scale=float(t.get('loss_scale_init', 2.0**15)),
+                                      period=int(t.get('loss_scale_period', 2000)))
+  return tx
 
 
 def build_augment(config) -> Optional[Callable]:
@@ -138,5 +181,21 @@ def sampler_fn(config, precond, sampler: Optional[str] = None, num_steps: Option
                if 'grid' in inspect.signature(samplers_lib.get_sampler(n)).parameters]
       raise ValueError(f'Sampler {name!r} chooses its own time steps, so --grid does not apply; '
                        f'pick a σ-grid sampler ({", ".join(takes)}) or leave --grid out.')
+  check_sampler(config, precond, name, steps, kwargs, [k for k in kwargs if k not in overrides])
   return lambda denoise_fn, latents, keys: fn(denoise_fn, latents, keys, precond=precond,
                                               num_steps=steps, **kwargs)
+
+
+def check_sampler(config, precond, name: str, num_steps: int, options: dict,
+                  config_options=()) -> None:
+  """Raises one sentence unless sampler `name` takes `options` and can sample this model.
+
+  Called by `sampler_fn`, so train.py (before its first step), sample.py and evaluate.py (before
+  any weights are read) refuse a sampler that does not fit — not after a whole training run.
+  `samplers.fit.check` says what is wrong; precond None checks the options only.
+  """
+  from diffjax.samplers import fit
+  # The image shape matters to some samplers (Soft Diffusion's blur); a config without a data
+  # section (a bare sampling config) is checked on a small stand-in image.
+  shape = dataset_spec(config).shape if precond is not None and 'data' in config else (8, 8, 3)
+  fit.check(name, precond, num_steps, options, shape, config_options=config_options)

@@ -44,21 +44,71 @@ def parse_seeds(text: str) -> list[int]:
     lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
     if hi < lo:
       raise ValueError(f'Seed range {part!r} runs backwards; write it as {hi}-{lo}.')
+    if hi >= 1 << 32:  # a seed is one uint32 word (`seed_keys`): larger ones would repeat others
+      raise ValueError(f'Seed {hi} is out of range; seeds go from 0 to {(1 << 32) - 1}.')
     seeds.extend(range(lo, hi + 1))
   return seeds
 
 
-def _check_guidance(network, num_classes: int, guidance: float) -> bool:
-  """Raises for guidance on an unconditional model; True for a w-conditioned network."""
+def _check_guidance(network, num_classes: int, guidance: float, guided_by: bool = False) -> bool:
+  """Raises for guidance a model cannot take; True for a w-conditioned network.
+
+  Classifier-free guidance needs the model's unconditional branch D(x; σ, ∅), which only label
+  dropout in training teaches it (Ho & Salimans 2022): on a class-conditional network trained with
+  label_dropout = 0 the all-zero label is an input it never saw, and "guidance" extrapolates
+  towards nonsense. Autoguidance (`guided_by`: a guide run) needs neither labels nor dropout.
+  """
   w_network = bool(getattr(network, 'guidance_embedding', False))
+  if guided_by:
+    if w_network:
+      raise ValueError('This run is a w-conditioned student (guided distillation): it takes the '
+                       'guidance weight as an input, so it cannot be autoguided; drop '
+                       '--guide_workdir.')
+    return False
   if guidance and not num_classes and not w_network:
     raise ValueError('Guidance needs a class-conditional model; this one is unconditional, so '
-                     'drop --guidance (or train with conditional labels and label dropout).')
+                     'drop --guidance (or train with conditional labels and label dropout), or '
+                     'guide it with a weaker run of the same task: --guide_workdir=RUN.')
+  if guidance and not w_network and getattr(network, 'label_dropout', None) == 0:
+    raise ValueError('Classifier-free guidance needs a model trained with label dropout (its '
+                     'unconditional branch); this run had label_dropout=0, so drop --guidance, '
+                     'retrain with --config.model.kwargs.label_dropout=0.1, or guide it with a '
+                     'weaker run of the same task: --guide_workdir=RUN.')
   return w_network
 
 
+def _check_interval(guidance_interval, guidance: float, w_network: bool):
+  """The guidance interval as (σ_lo, σ_hi) or None; raises if there is no guidance to limit."""
+  interval = samplers_lib.guidance.check_interval(guidance_interval)
+  if interval is not None and (w_network or not guidance):
+    raise ValueError('A guidance interval needs guidance to limit: pass --guidance=w > 0 (on a '
+                     'model with label dropout, or with --guide_workdir); a w-conditioned '
+                     'student takes w as an input and has no interval.')
+  return interval
+
+
+def check_guide(main_spec, main_classes: int, guide_spec, guide_classes: int,
+                guide_workdir: str = 'the guide') -> None:
+  """Raises one sentence unless the guide run can guide the main one (autoguidance).
+
+  The guide must denoise the same images: resolution and channels equal; and be called with the
+  same labels: the same number of classes, or none (an unconditional guide, as EDM2's CFG uses a
+  separate unconditional network).
+  """
+  main = (main_spec.resolution, main_spec.channels)
+  guide = (guide_spec.resolution, guide_spec.channels)
+  if main != guide:
+    raise ValueError(f'{guide_workdir} makes {guide[0]}x{guide[0]}x{guide[1]} images and this run '
+                     f'{main[0]}x{main[0]}x{main[1]}; pass a guide run of the same task.')
+  if guide_classes and guide_classes != main_classes:
+    raise ValueError(f'{guide_workdir} has {guide_classes} classes and this run {main_classes}; '
+                     'pass a guide run with the same labels (or an unconditional one).')
+
+
 def make_sample_fn(denoiser: Denoiser, sampler: Callable, shape: Sequence[int],
-                   num_classes: int = 0, guidance: float = 0.0) -> Callable:
+                   num_classes: int = 0, guidance: float = 0.0, *,
+                   guidance_interval: Optional[Tuple[float, float]] = None,
+                   guide: Optional[Denoiser] = None, guide_classes: int = 0) -> Callable:
   """A pure `sample(params, keys [B], class_labels int [B] | None) -> images [B, *shape]`.
 
   Args:
@@ -69,19 +119,34 @@ def make_sample_fn(denoiser: Denoiser, sampler: Callable, shape: Sequence[int],
     guidance: classifier-free guidance weight w: (1 + w)·D(x|c) − w·D(x|∅) with ∅ the all-zero
       label the network saw under label dropout. A w-conditioned network (a guided-distillation
       student, `guidance_embedding=True`) takes w as an input instead: one evaluation per step.
+    guidance_interval: (σ_lo, σ_hi): guide only for σ_lo < σ ≤ σ_hi, the conditional model
+      elsewhere (Kynkäänniemi et al. 2024; `samplers.guidance`).
+    guide: autoguidance (Karras et al. 2024): the guide run's denoiser, a weaker model of the same
+      task, in place of the unconditional branch: (1 + w)·D_main − w·D_guide, i.e. their
+      D_guide + g·(D_main − D_guide) with g = 1 + w. Then `params` is the pair (main params, guide
+      params).
+    guide_classes: the guide's number of classes (0: it is called without labels).
   """
-  w_network = _check_guidance(denoiser.network, num_classes, guidance)
+  w_network = _check_guidance(denoiser.network, num_classes, guidance, guide is not None)
+  interval = _check_interval(guidance_interval, guidance, w_network)
 
   def sample(params, keys, class_labels=None):
     latents = samplers_lib.latents(keys, tuple(shape))
     one_hot = None
     if num_classes:
       one_hot = jax.nn.one_hot(class_labels, num_classes, dtype=jnp.float32)
-    if w_network:
+    if guide is not None:
+      main_params, guide_params = params
+      denoise_fn = samplers_lib.guided(
+          denoiser.bind(main_params, one_hot),
+          guide.bind(guide_params, one_hot if guide_classes else None), guidance,
+          sigma_interval=interval)
+    elif w_network:
       denoise_fn = denoiser.bind(params, one_hot, guidance=jnp.float32(guidance))
     elif guidance:
       denoise_fn = samplers_lib.guided_batched(
-          lambda x, sigma, labels: denoiser(params, x, sigma, labels), one_hot, guidance)
+          lambda x, sigma, labels: denoiser(params, x, sigma, labels), one_hot, guidance,
+          sigma_interval=interval)
     else:
       denoise_fn = denoiser.bind(params, one_hot)
     return sampler(denoise_fn, latents, keys)
@@ -345,9 +410,33 @@ def _check_out(out: str) -> None:
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent):
     raise ValueError(f'--out {out} is inside {parent}, which is a file; pass a directory.')
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise OSError(f'Cannot write to {out} ({parent} is not writable); pass an --out on a '
-                  'writable disk.')
+  # A file is written and removed, not os.access asked: that says yes to root on a directory
+  # it cannot write (immutable, a read-only mount seen through some file systems).
+  probe = os.path.join(parent, f'.write-test-{os.getpid()}')
+  try:
+    with open(probe, 'xb'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f'Cannot write to {out} ({parent}: {e.strerror or e}); pass an --out on a '
+                  'writable disk.') from e
+
+
+def _check_settings(batch_size, options: dict) -> None:
+  """Raises one sentence for an out-of-range --batch or EDM stochasticity option (Alg. 2)."""
+  if int(batch_size) != batch_size or batch_size < 1:
+    raise ValueError(f'--batch must be a positive number of images per batch, got {batch_size}; '
+                     'pass e.g. --batch=64 (it is rounded down to a multiple of the devices).')
+  for name, flag in (('s_churn', '--churn'), ('s_tmin', '--s_tmin'), ('s_tmax', '--s_tmax'),
+                     ('s_noise', '--s_noise')):
+    value = options.get(name)
+    if value is not None and not value >= 0:  # `not >=`: NaN is refused too
+      raise ValueError(f'{flag} must be >= 0 (EDM Alg. 2), got {value}; pass a non-negative '
+                       f'value or leave {flag} out.')
+  if options.get('s_tmin') is not None and options.get('s_tmax') is not None and (
+      options['s_tmin'] > options['s_tmax']):
+    raise ValueError(f'--s_tmin={options["s_tmin"]} is above --s_tmax={options["s_tmax"]}, so no '
+                     'step would get churn; pass s_tmin <= s_tmax.')
 
 
 def _ranges(positions: Sequence[int]) -> list[list[int]]:
@@ -365,6 +454,8 @@ def sample_run(workdir: str, seeds, *, out: Optional[str] = None, sampler: Optio
                num_steps: Optional[int] = None, class_label: Optional[int] = None,
                guidance: float = 0.0, batch_size: int = 64, progress: bool = False,
                step: Optional[int] = None, return_images: bool = True,
+               guidance_interval: Optional[Tuple[float, float]] = None,
+               guide_workdir: Optional[str] = None, guide_step: Optional[int] = None,
                **sampler_kwargs) -> dict:
   """Samples a trained run and writes OUT/grid.png and OUT/samples.npz — resumably.
 
@@ -388,6 +479,10 @@ def sample_run(workdir: str, seeds, *, out: Optional[str] = None, sampler: Optio
     progress: show a progress bar.
     step: checkpoint step (default: newest).
     return_images: return the images (all in memory); sample.py passes False.
+    guidance_interval: (σ_lo, σ_hi): guidance only for σ_lo < σ ≤ σ_hi (`make_sample_fn`).
+    guide_workdir: autoguidance: another run of the same task (e.g. a smaller or shorter-trained
+      one, or a converted one) guides this one in place of its unconditional branch.
+    guide_step: the guide's checkpoint step (default: newest).
 
   Returns:
     {'images': uint8 [N,H,W,C] (None if not `return_images`, and on processes other than 0),
@@ -397,10 +492,22 @@ def sample_run(workdir: str, seeds, *, out: Optional[str] = None, sampler: Optio
   seeds = parse_seeds(seeds) if isinstance(seeds, str) else [int(s) for s in seeds]
   if not seeds:
     raise ValueError('No seeds to sample; pass some, e.g. --seeds=0-63.')
+  _check_settings(batch_size, sampler_kwargs)
   # Options are checked against the run's config, and OUT for writing, before weights are read.
   config = runs.read_config(workdir)
+  runs.run.check_run_config(config, workdir)  # e.g. a distillation root: name its stages
   spec = build.dataset_spec(config)
-  _check_guidance(build.build_network(config, spec), build.num_classes(config, spec), guidance)
+  build.sampler_fn(config, build.build_precond(config), sampler, num_steps, **sampler_kwargs)
+  w_network = _check_guidance(build.build_network(config, spec), build.num_classes(config, spec),
+                              guidance, guide_workdir is not None)
+  _check_interval(guidance_interval, guidance, w_network)
+  if guide_workdir is None and guide_step is not None:
+    raise ValueError('--guide_step needs --guide_workdir, the run it picks a checkpoint of.')
+  if guide_workdir is not None:
+    guide_config = runs.read_config(guide_workdir)
+    guide_spec = build.dataset_spec(guide_config)
+    check_guide(spec, build.num_classes(config, spec), guide_spec,
+                build.num_classes(guide_config, guide_spec), guide_workdir)
   if class_label is not None and not build.num_classes(config, spec):
     raise ValueError('--class needs a class-conditional model; this one is unconditional.')
   default_labels(seeds, build.num_classes(config, spec), class_label)
@@ -410,7 +517,12 @@ def sample_run(workdir: str, seeds, *, out: Optional[str] = None, sampler: Optio
   labels = default_labels(seeds, run.num_classes, class_label)
   fn = build.sampler_fn(run.config, run.denoiser.precond, sampler, num_steps, **sampler_kwargs)
   shape = (run.spec.resolution, run.spec.resolution, run.spec.channels)
-  sample_fn = make_sample_fn(run.denoiser, fn, shape, run.num_classes, guidance)
+  guide = None if guide_workdir is None else runs.load(guide_workdir, guide_step)
+  sample_fn = make_sample_fn(
+      run.denoiser, fn, shape, run.num_classes, guidance, guidance_interval=guidance_interval,
+      guide=None if guide is None else guide.denoiser,
+      guide_classes=0 if guide is None else guide.num_classes)
+  params = run.ema_params if guide is None else (run.ema_params, guide.ema_params)
   seeds_array = np.asarray(seeds, np.int64)
 
   # What the samples depend on (with the config, which holds the sampler's defaults); batch size
@@ -419,7 +531,12 @@ def sample_run(workdir: str, seeds, *, out: Optional[str] = None, sampler: Optio
       'format': _SHARD_FORMAT, 'config': run.config.to_dict(), 'step': int(run.step),
       'sampler': sampler or run.config.sample.sampler, 'options': sampler_kwargs,
       'num_steps': int(run.config.sample.num_steps if num_steps is None else num_steps),
-      'guidance': float(guidance), 'class_label': class_label, 'shape': list(shape)})
+      'guidance': float(guidance), 'class_label': class_label, 'shape': list(shape),
+      # Only when given, so shards written before these options existed still match.
+      **({'guidance_interval': [float(v) for v in guidance_interval]}
+         if guidance_interval is not None else {}),
+      **({'guide': {'config': guide.config.to_dict(), 'step': int(guide.step)}}
+         if guide is not None else {})})
 
   def open_shards() -> list:
     try:
@@ -447,7 +564,7 @@ def sample_run(workdir: str, seeds, *, out: Optional[str] = None, sampler: Optio
     except OSError as e:
       raise unwritable(e) from e
 
-  for positions, x in generate_batches(sample_fn, run.ema_params, seeds, labels,
+  for positions, x in generate_batches(sample_fn, params, seeds, labels,
                                        batch_size=batch_size, positions=todo,
                                        progress=progress and parallel.is_main_process()):
     # Through on_main: a failed write stops every process at once, not at the next collective.

@@ -4,11 +4,16 @@ EDM (App. F.1) measures training length, the learning-rate warm-up and the EMA h
 *images*, so that changing the batch size keeps the schedule; EDM2's inverse-square-root decay
 (§2.5) is measured in images too. The state holds no RNG: each step's key is
 `fold_in(base_key, step)`.
+
+float16 training (`--config.train.compute_dtype=float16`) adds dynamic loss scaling
+(Micikevicius et al. 2018, "Mixed precision training" §3.2) as the outermost optimizer link,
+`dynamic_loss_scale`: its state, the scale S and the count of finite steps since S last changed,
+is part of `opt_state`, so it is checkpointed and resumed with everything else.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -136,3 +141,70 @@ def ema_beta(step, batch_size: int, halflife_images: float, rampup_ratio: float 
 def update_ema(ema_params, params, beta):
   """ema ← β·ema + (1 − β)·params, leaf by leaf."""
   return jax.tree.map(lambda e, p: beta * e + (1.0 - beta) * p, ema_params, params)
+
+
+class LossScaleState(NamedTuple):
+  """State of `dynamic_loss_scale`, found in `TrainState.opt_state`.
+
+  Attributes:
+    scale: float32 scalar S; the train step differentiates S·loss and divides the gradient by S.
+    good_steps: int32 scalar, finite steps since S last changed.
+    inner: the wrapped optimizer's state.
+  """
+  scale: jax.Array
+  good_steps: jax.Array
+  inner: Any
+
+
+def loss_scale(opt_state: Any) -> Optional[jax.Array]:
+  """The loss scale S of an optimizer state made by `dynamic_loss_scale`, or None if it has none."""
+  return opt_state.scale if isinstance(opt_state, LossScaleState) else None
+
+
+def _tree_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def dynamic_loss_scale(tx: optax.GradientTransformation, init_scale: float = 2.0**15,
+                       period: int = 2000, factor: float = 2.0,
+                       min_scale: float = 1.0) -> optax.GradientTransformation:
+  """Dynamic loss scaling for float16 training around the optimizer `tx`.
+
+  The train step multiplies the loss by S before differentiating (so that small float16
+  gradients do not flush to zero) and divides the gradients by S again; this link receives those
+  unscaled gradients. When any of them is non-finite (the scaled backward pass overflowed) the
+  update is zero, the inner state is left as it was and S halves; after `period` finite steps in a
+  row S doubles (Micikevicius et al. 2018 §3.2).
+
+  Args:
+    tx: the optimizer whose updates are skipped on overflow.
+    init_scale: S at step 0 (2^15, as NVIDIA's apex and JMP start).
+    period: finite steps in a row after which S grows by `factor`.
+    factor: growth and shrink factor of S.
+    min_scale: S never goes below this.
+  """
+  if period < 1 or factor <= 1 or init_scale <= 0:
+    raise ValueError(f'Loss scaling needs period >= 1, factor > 1 and init_scale > 0, got '
+                     f'{period}, {factor}, {init_scale}; fix --config.train.loss_scale_*.')
+
+  def init(params):
+    return LossScaleState(scale=jnp.asarray(init_scale, jnp.float32),
+                          good_steps=jnp.zeros((), jnp.int32), inner=tx.init(params))
+
+  def update(grads, state, params=None):
+    finite = _tree_finite(grads)
+    # On overflow the inner optimizer sees zeros (its output is discarded): NaNs never reach it.
+    safe = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+    updates, inner = tx.update(safe, state.inner, params)
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    inner = jax.tree.map(lambda new, old: jnp.where(finite, new, old), inner, state.inner)
+    good = jnp.where(finite, state.good_steps + 1, 0)
+    grow = good >= period
+    scale = jnp.where(finite, jnp.where(grow, state.scale * factor, state.scale),
+                      jnp.maximum(state.scale / factor, min_scale))
+    return updates, LossScaleState(scale=scale.astype(jnp.float32),
+                                   good_steps=jnp.where(grow, 0, good).astype(jnp.int32),
+                                   inner=inner)
+
+  return optax.GradientTransformation(init, update)

@@ -6,10 +6,12 @@ diffusers pipeline folders without torch. Their tests need files written by the 
 script runs that code (it needs PyTorch; diffjax never imports it):
 
   python3 -m venv /tmp/cv && /tmp/cv/bin/pip install torch==2.13.0 numpy diffusers safetensors
-  /tmp/cv/bin/python scripts/make_convert_golden.py --edm=PATH/edm \\
+  /tmp/cv/bin/python scripts/make_convert_golden.py --edm=PATH/edm --edm2=PATH/edm2 \\
       --improved_diffusion=PATH/improved-diffusion --guided_diffusion=PATH/guided-diffusion
 
-(PATH/… are checkouts of NVlabs/edm, openai/improved-diffusion and openai/guided-diffusion.)
+(PATH/… are checkouts of NVlabs/edm, NVlabs/edm2 (at 4bf8162), openai/improved-diffusion and
+openai/guided-diffusion.) `--only=edm2` (or any comma list of edm, edm2, openai, diffusers) remakes
+just those fixtures and keeps the others' arrays in convert_golden.npz/.json as they are.
 
 For each fixture it builds the reference network with tiny settings, sets *every* parameter to a
 seeded random value (the references' zero inits of output layers would hide mapping errors): norm
@@ -24,6 +26,13 @@ the network the way its project does:
   One deviation: the `module_src` each persistent class pickles (NVlabs's source files, licensed
   CC BY-NC-SA, which this repository must not carry) is replaced by a one-line stub that raises if
   it is ever executed; diffjax never reads it.
+* EDM2: the snapshot EasyDict {encoder, dataset_kwargs, loss_fn, ema} with the EMA network as
+  EDM2's training loop saves it, `.to(torch.float16)` (its Fourier buffers too), with the same
+  module_src stub. reconstruct_phema.py writes its pickles in the same layout (a copy of an input
+  snapshot with `ema` replaced, float16), so this one fixture stands for both. EDM2's weights are
+  drawn at scale 3 (far from unit norm, as a trained EMA's are) and its gains N(0.5, 1) (its zero
+  inits would hide the output and embedding layers); its Fourier buffers stay torch's own draws,
+  which differ from diffjax's NumPy ones, so a converter that ignored them would fail the test.
 * improved-diffusion / guided-diffusion: `torch.save(model.state_dict(), path)`.
 * diffusers: `DDPMPipeline(unet, scheduler).save_pretrained(folder)` (safetensors weights).
 
@@ -42,6 +51,7 @@ import os
 import pickle
 import shutil
 import sys
+import types
 
 import numpy as np
 import torch
@@ -183,6 +193,69 @@ def edm_fixtures(edm_root: str, out: dict, meta: dict) -> None:
   sys.path.remove(edm_root)
 
 
+def _forget_modules(*packages: str) -> None:
+  """Drops imported packages of one checkout (NVlabs/edm and edm2 share the names training, ...)."""
+  for name in list(sys.modules):
+    if name.split('.')[0] in packages:
+      del sys.modules[name]
+
+
+def edm2_fixture(edm2_root: str, out: dict, meta: dict) -> None:
+  """A small class-conditional EDM2 Precond, saved as EDM2's training loop saves a snapshot."""
+  _forget_modules('torch_utils', 'training', 'dnnlib')
+  # dnnlib.util and training_loop import these at the top; nothing pickled here uses them.
+  for name in ('requests', 'psutil'):
+    sys.modules.setdefault(name, types.ModuleType(name))
+  sys.path.insert(0, edm2_root)
+  import dnnlib
+  from torch_utils import persistence
+  from training import encoders, networks_edm2, training_loop
+
+  torch.manual_seed(600)
+  # Two levels, attention with 2 and 4 heads, the uncertainty head: every kind of layer EDM2 has.
+  kwargs = dict(img_resolution=8, img_channels=1, label_dim=10, model_channels=8,
+                channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8, 4], channels_per_head=4,
+                logvar_channels=8, dropout=0.1, use_fp16=True)
+  net = networks_edm2.Precond(**kwargs)
+  rng = np.random.default_rng(601)
+  with torch.no_grad():
+    for p in net.parameters():  # see the module docstring
+      p.copy_(torch.from_numpy(rng.normal(0.5, 1.0, p.shape) if p.ndim == 0 else
+                               3.0 * rng.standard_normal(p.shape)))
+  labels = np.eye(10, dtype=np.float32)[[4, 0, 8, 2]]
+  labels[3] = 0  # the null label
+  x, sigmas = batch(602, 1, 8, [0.002, 0.3, 2.5, 80.0])
+  data = dnnlib.EasyDict(encoder=encoders.StandardRGBEncoder(),
+                         dataset_kwargs=dnnlib.EasyDict(
+                             class_name='training.dataset.ImageFolderDataset',
+                             path='datasets/digits-8x8.zip', use_labels=True),
+                         loss_fn=training_loop.EDM2Loss(P_mean=-0.8, P_std=1.6))
+  data.ema = copy.deepcopy(net).cpu().eval().requires_grad_(False).to(torch.float16)
+  path = os.path.join(_GOLDEN, 'convert_edm2.pkl')
+  sources = {cls: cls._orig_module_src for cls in persistence._decorators}
+  for cls in sources:
+    cls._orig_module_src = MODULE_SRC_STUB
+  with open(path, 'wb') as fp:
+    pickle.dump(data, fp)
+  for cls, src in sources.items():
+    cls._orig_module_src = src
+  # D of the stored float16 values widened to float32, as reconstruct_phema.py loads a snapshot
+  # (`.to(torch.float32)`). Run as stored, torch's type promotion would also round each layer's
+  # scale gain/sqrt(fan_in) to float16 (a 0-d float16 tensor), a 5e-4 relative change of D.
+  ema32 = copy.deepcopy(data.ema).to(torch.float32)
+  with torch.no_grad():
+    d, logvar = ema32(torch.from_numpy(x), torch.from_numpy(sigmas), torch.from_numpy(labels),
+                         force_fp32=True, return_logvar=True)
+  out['edm2/x'] = nhwc(x)
+  out['edm2/sigma'] = sigmas
+  out['edm2/labels'] = labels
+  out['edm2/D'] = nhwc(d.numpy())
+  out['edm2/logvar'] = logvar.numpy().reshape(-1)
+  meta['edm2'] = dict(converter='edm', file=os.path.basename(xz(path)))
+  sys.path.remove(edm2_root)
+  _forget_modules('torch_utils', 'training', 'dnnlib')
+
+
 # ------------------------------------------------------------------------------------------------
 # openai/improved-diffusion and guided-diffusion.
 
@@ -308,26 +381,65 @@ def diffusers_fixture(out: dict, meta: dict) -> None:
   meta['diffusers'] = dict(converter='diffusers', file='convert_diffusers')
 
 
+def _family(fixture: str) -> str:
+  """The --only family a fixture belongs to ('' for the _made_with record)."""
+  if fixture.startswith('edm_'):
+    return 'edm'
+  return {'edm2': 'edm2', 'iddpm': 'openai', 'guided': 'openai',
+          'diffusers': 'diffusers'}.get(fixture, '')
+
+
+def _commit(root: str) -> str:
+  import subprocess
+  try:
+    return subprocess.run(['git', '-C', root, 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--edm', required=True, help='checkout of NVlabs/edm')
-  parser.add_argument('--improved_diffusion', required=True, help='checkout of openai/improved-diffusion')
-  parser.add_argument('--guided_diffusion', required=True, help='checkout of openai/guided-diffusion')
+  parser.add_argument('--edm', help='checkout of NVlabs/edm')
+  parser.add_argument('--edm2', help='checkout of NVlabs/edm2')
+  parser.add_argument('--improved_diffusion', help='checkout of openai/improved-diffusion')
+  parser.add_argument('--guided_diffusion', help='checkout of openai/guided-diffusion')
+  parser.add_argument('--only', default='edm,edm2,openai,diffusers',
+                      help='comma list of the fixture families to remake; the rest are kept')
   args = parser.parse_args()
+  only = set(args.only.split(','))
+  needs = {'edm': ['edm'], 'edm2': ['edm2'], 'openai': ['improved_diffusion', 'guided_diffusion']}
+  for family in only:
+    for arg in needs.get(family, []):
+      if not getattr(args, arg):
+        parser.error(f'--only={family} needs --{arg}=PATH (a checkout).')
   torch.set_num_threads(1)
   torch.use_deterministic_algorithms(True)
+  npz, json_path = (os.path.join(_GOLDEN, f'convert_golden.{e}') for e in ('npz', 'json'))
   out, meta = {}, {}
-  edm_fixtures(args.edm, out, meta)
-  openai_fixtures(args.improved_diffusion, args.guided_diffusion, out, meta)
-  diffusers_fixture(out, meta)
-  np.savez_compressed(os.path.join(_GOLDEN, 'convert_golden.npz'), **out)
-  meta['_made_with'] = {'torch': torch.__version__, 'numpy': np.__version__}
-  try:
+  if os.path.exists(npz):  # the families not remade keep their arrays and records as they are
+    with np.load(npz) as kept:
+      out = {k: kept[k] for k in kept.files if _family(k.split('/')[0]) not in only}
+    with open(json_path) as f:
+      meta = {k: v for k, v in json.load(f).items() if _family(k) not in only}
+  if 'edm' in only:
+    edm_fixtures(args.edm, out, meta)
+  if 'edm2' in only:
+    edm2_fixture(args.edm2, out, meta)
+  if 'openai' in only:
+    openai_fixtures(args.improved_diffusion, args.guided_diffusion, out, meta)
+  if 'diffusers' in only:
+    diffusers_fixture(out, meta)
+  np.savez_compressed(npz, **out)
+  made = meta.get('_made_with', {})
+  made.update({'torch': torch.__version__, 'numpy': np.__version__})
+  if 'edm2' in only:
+    made['edm2_commit'] = _commit(args.edm2)
+  meta['_made_with'] = made
+  if 'diffusers' in only:
     import diffusers
     meta['_made_with']['diffusers'] = diffusers.__version__
-  except ImportError:
-    pass
-  with open(os.path.join(_GOLDEN, 'convert_golden.json'), 'w') as f:
+  with open(json_path, 'w') as f:
     json.dump(meta, f, indent=2, sort_keys=True)
   total = 0
   for root, _, files in os.walk(_GOLDEN):

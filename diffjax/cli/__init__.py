@@ -2,8 +2,10 @@
 
 from diffjax.cli.errors import USER_ERRORS, error_message, parse_flags, run  # noqa: F401
 from diffjax.cli.flags import (  # noqa: F401
+                               GuidanceFlags,
                                SamplerFlags,
                                define_debug,
+                               define_guidance_flags,
                                define_no_progress,
                                define_sampler_flags,
                                main,

@@ -51,6 +51,46 @@ def define_sampler_flags() -> SamplerFlags:
           'linear_logsnr, ve, iddpm.'))
 
 
+@dataclasses.dataclass(frozen=True)
+class GuidanceFlags:
+  """sample.py's guidance flags beyond --guidance: the guidance interval and autoguidance."""
+  interval: flags.FlagHolder
+  guide_workdir: flags.FlagHolder
+  guide_step: flags.FlagHolder
+
+  def options(self) -> dict:
+    """guidance_interval, guide_workdir, guide_step as `sampling.sample_run` keyword arguments.
+
+    Raises:
+      ValueError: when --guidance_interval is not two numbers lo,hi.
+    """
+    interval = None
+    if self.interval.value:
+      parts = str(self.interval.value).split(',')
+      try:
+        interval = tuple(float(p) for p in parts)
+      except ValueError:
+        interval = ()
+      if len(interval) != 2:
+        raise ValueError(f'Cannot read --guidance_interval={self.interval.value}; write two noise '
+                         'levels lo,hi, e.g. --guidance_interval=0.28,5.42.')
+    return {'guidance_interval': interval, 'guide_workdir': self.guide_workdir.value,
+            'guide_step': self.guide_step.value}
+
+
+def define_guidance_flags() -> GuidanceFlags:
+  """--guidance_interval --guide_workdir --guide_step."""
+  return GuidanceFlags(
+      interval=flags.DEFINE_string(
+          'guidance_interval', None, 'Guide only for noise levels lo < σ <= hi, e.g. 0.28,5.42 '
+          '(Kynkäänniemi et al. 2024); the conditional model elsewhere.'),
+      guide_workdir=flags.DEFINE_string(
+          'guide_workdir', None, 'Autoguidance (Karras et al. 2024): a weaker run of the same task '
+          'guides this one, (1 + w)·D_main − w·D_guide with w = --guidance (their g = 1 + w).'),
+      guide_step=flags.DEFINE_integer(
+          'guide_step', None, 'Checkpoint step of --guide_workdir (default: newest).'))
+
+
 def define_debug() -> flags.FlagHolder:
   return flags.DEFINE_bool('debug', False, 'Show full tracebacks.')
 

@@ -3,6 +3,7 @@
     import diffjax as dj
     from diffjax import convert
     convert.from_edm('edm-cifar10-32x32-cond-vp.pkl', 'runs/edm-cifar10')          # NVlabs/edm
+    convert.from_edm('edm2-img64-s-1073741-0.075.pkl', 'runs/edm2-s')               # NVlabs/edm2
     convert.from_improved_diffusion('cifar10_uncond_50M_500K.pt', 'runs/iddpm',      # openai
                                     image_size=32, num_channels=128, num_res_blocks=3,
                                     learn_sigma=True, dropout=0.3, diffusion_steps=4000,

@@ -15,7 +15,8 @@ four preconditionings over one of its two U-Nets, and each maps onto a diffjax p
 The architecture comes from the constructor arguments persistence recorded (`_init_kwargs`) over
 EDM's defaults; every tensor is then placed by name (torch [out, in, kh, kw] → HWIO, Linear
 [out, in] → [in, out], GroupNorm weight → scale) and the whole tree is checked against the network
-the config builds before anything is written.
+the config builds before anything is written. NVlabs/edm2 pickles (a `Precond` over EDM2's
+magnitude-preserving UNet) take the same entry point and are mapped by `convert.edm2`.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from diffjax.convert import torch_pickle, workdir
+from diffjax.convert import edm2, torch_pickle, workdir
 from diffjax.convert.torch_pickle import PersistentObject, TorchModule
 from diffjax.processes import schedules
 
 PRECONDS = ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond')
+EDM2_PRECOND = 'Precond'  # NVlabs/edm2's, over its magnitude-preserving UNet (convert.edm2)
 NETWORKS = ('SongUNet', 'DhariwalUNet')
 
 # EDM's constructor defaults (training/networks.py), used where `_init_kwargs` leaves one out.
@@ -56,12 +58,11 @@ def _network_of(obj: Any, source: str) -> PersistentObject:
     keys = ', '.join(sorted(map(str, obj)))
     raise workdir.ConversionError(
         f'{source} holds a dict without "ema" (keys: {keys}); pass an EDM network snapshot.')
-  if not isinstance(net, PersistentObject) or net.class_name not in PRECONDS:
+  if not isinstance(net, PersistentObject) or net.class_name not in PRECONDS + (EDM2_PRECOND,):
     name = getattr(net, 'class_name', type(net).__name__)
-    edm2 = ' (an EDM2 snapshot: its network is not convertible yet)' if name == 'Precond' else ''
     raise workdir.ConversionError(
-        f'{source} holds a {name} network{edm2}; diffjax converts EDM\'s '
-        f'{", ".join(PRECONDS)} over {" or ".join(NETWORKS)}.')
+        f'{source} holds a {name} network; diffjax converts EDM\'s '
+        f'{", ".join(PRECONDS)} over {" or ".join(NETWORKS)}, and EDM2\'s {EDM2_PRECOND}.')
   return net
 
 
@@ -259,7 +260,9 @@ def read_edm(path: str | os.PathLike, *, dataset: Optional[str] = None) -> workd
   """Reads an NVlabs/edm network pickle and maps it onto diffjax, in memory.
 
   Args:
-    path: an EDM snapshot or released pickle (network-snapshot-*.pkl, edm-*.pkl, baseline-*.pkl).
+    path: an EDM snapshot or released pickle (network-snapshot-*.pkl, edm-*.pkl, baseline-*.pkl),
+      or an EDM2 snapshot or post-hoc EMA reconstruction (network-snapshot-*-0.100.pkl,
+      edm2-img64-s-1073741-0.075.pkl; see `convert.edm2`).
     dataset: the registered dataset the run names; by default the one whose shape and classes
       match, preferring the one the snapshot's dataset path names.
 
@@ -275,6 +278,8 @@ def read_edm(path: str | os.PathLike, *, dataset: Optional[str] = None) -> workd
   source = os.path.basename(path)
   obj = torch_pickle.load_network_pickle(path)
   net = _network_of(obj, source)
+  if net.class_name == EDM2_PRECOND:
+    return edm2.read_edm2(obj, net, path, dataset=dataset)
   model = torch_pickle.children(net).get('model') if isinstance(net.state.get('_modules'),
                                                                   Mapping) else None
   if model is None:

@@ -15,7 +15,10 @@ or with use_new_attention_order q/k/v then heads) to diffjax's (heads, channels,
 
 The model is an ε-prediction network on the discrete process: diffjax's 'ddpm' preconditioning,
 D(x; σ) = x − σ·ε(x/sqrt(1 + σ²), t) at σ_t = sqrt((1 − ᾱ_t)/ᾱ_t), with learned variances
-(learn_sigma) kept as the network's extra channels for the 'ddpm' sampler.
+(learn_sigma) kept as the network's extra channels for the 'ddpm' sampler. With predict_xstart the
+network's (first C) output channels are x̂_0 itself and D is that output ('ddpm' with
+predict_xstart: c_skip = 0, c_out = 1), as openai's `p_mean_variance` takes pred_xstart = the
+output (ModelMeanType.START_X) and the posterior mean q(x_{t−1} | x_t, x̂_0) from it.
 """
 
 from __future__ import annotations
@@ -300,9 +303,6 @@ def read_improved_diffusion(path: str | os.PathLike, *, project: str = 'improved
   """
   path = os.fspath(path)
   f = resolve_flags(project, flags)
-  if f['predict_xstart']:
-    raise workdir.ConversionError('predict_xstart models predict x_0, not ε; diffjax converts '
-                                  'ε-prediction models only.')
   if f['noise_schedule'] not in ('linear', 'cosine'):
     raise workdir.ConversionError(
         f'Unknown noise_schedule {f["noise_schedule"]!r}; openai\'s models use linear or cosine.')
@@ -354,7 +354,7 @@ def read_improved_diffusion(path: str | os.PathLike, *, project: str = 'improved
       c, beta_schedule=f['noise_schedule'], num_timesteps=steps,
       rescale_timesteps=f['rescale_timesteps'], variance=variance,
       loss_type='vlb' if f['use_kl'] else 'hybrid' if f['learn_sigma'] else 'simple',
-      clip_denoised=True, sample_steps=sample_steps)
+      clip_denoised=True, sample_steps=sample_steps, predict_xstart=f['predict_xstart'])
   if respacing:
     c.sample.kwargs.respacing = respacing
   provenance = {'format': project, 'source': os.path.abspath(path),

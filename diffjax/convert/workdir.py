@@ -53,11 +53,13 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = ml_collections.ConfigDict(
-      {'name': 'cifar10', 'data_dir': '', 'conditional': True, 'x_flip': False})
+      {'name': 'cifar10', 'data_dir': '', 'conditional': True, 'x_flip': False,
+       'skip_bad_images': False})
   c.model = ml_collections.ConfigDict()
   c.model.preset = 'ddpmpp_cifar10'
   c.model.kwargs = ml_collections.ConfigDict({'dropout': 0.0, 'label_dropout': 0.0,
                                               'dtype': 'float32'})
+  c.model.remat = 'none'
   c.precond = ml_collections.ConfigDict({'name': 'edm', 'kwargs': {'sigma_data': 0.5}})
   c.loss = ml_collections.ConfigDict({'name': 'edm', 'kwargs': {'p_mean': -1.2, 'p_std': 1.2,
                                                                 'sigma_data': 0.5}})
@@ -68,7 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
       'batch_size': 512, 'total_images': 200e6, 'ema_halflife_images': 0.5e6,
       'ema_rampup_ratio': 0.05, 'log_every': 100, 'checkpoint_every': 5000,
       'keep_checkpoints': 3, 'sample_every': 10000, 'num_preview': 64,
-      'skip_nonfinite': False})
+      'skip_nonfinite': False, 'compute_dtype': 'float32', 'loss_scale_init': 2.0**15,
+      'loss_scale_period': 2000})
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = 'heun'
   c.sample.num_steps = 18
@@ -80,11 +83,14 @@ def base_config() -> ml_collections.ConfigDict:
 
 def discrete_parts(c: ml_collections.ConfigDict, *, beta_schedule: str, num_timesteps: int,
                    rescale_timesteps: bool, variance: str, loss_type: str, clip_denoised: bool,
-                   sample_steps: int) -> None:
-  """Sets an ε-model's 'ddpm' preconditioning, loss and ancestral sampler (as configs/iddpm.py)."""
+                   sample_steps: int, predict_xstart: bool = False) -> None:
+  """Sets an ε-model's (or with predict_xstart an x_0-model's) 'ddpm' preconditioning, loss and
+  ancestral sampler (as configs/iddpm.py)."""
   c.precond.name = 'ddpm'
   c.precond.kwargs = {'beta_schedule': beta_schedule, 'num_timesteps': int(num_timesteps),
                       'rescale_timesteps': bool(rescale_timesteps)}
+  if predict_xstart:
+    c.precond.kwargs.predict_xstart = True
   c.loss.name = 'ddpm'
   c.loss.kwargs = {'loss_type': loss_type, 'variance': variance, 'vlb_weight': 0.001,
                    'schedule_sampler': 'uniform'}
@@ -114,7 +120,8 @@ def choose_dataset(resolution: int, channels: int, label_dim: int, *,
 
   Returns:
     A registered dataset name whose images have the network's shape and, for a conditional
-    network, exactly its number of classes.
+    network, exactly its number of classes; when none has, the generic name of that shape
+    ('images256x256x3', 'images128x128x3_1000classes': `data.generic_spec`).
 
   Raises:
     ConversionError: the named dataset does not fit, or none registered does.
@@ -137,9 +144,17 @@ def choose_dataset(resolution: int, channels: int, label_dim: int, *,
   specs = [data.get_dataset_spec(n) for n in data.list_datasets()]
   candidates = [s for s in specs if s.num_classes is not None and fits(s)]
   if not candidates:
+    # A shape-only name (data.generic_spec): sampling needs no data, FID a reference the user
+    # passes (e.g. openai's reference batch); a registered dataset can still be named instead.
+    generic = f'images{resolution}x{resolution}x{channels}' + (f'_{label_dim}classes' if label_dim
+                                                               else '')
+    if channels in (1, 3):
+      log.info('No registered dataset has %s images; the run names the generic %s.', shape,
+               generic)
+      return generic
     raise ConversionError(
-        f'No registered dataset has {shape} images, which a diffjax run needs for its shape and '
-        'FID statistics; register one (diffjax.data.register_image_folder) and pass dataset=NAME.')
+        f'No registered dataset has {shape} images, and diffjax images have 1 or 3 channels; '
+        'register one (diffjax.data.register_dataset) and pass dataset=NAME.')
   squashed = [_squash(h) for h in hints if h]
 
   def rank(spec) -> Tuple:
@@ -275,7 +290,8 @@ class Conversion:
     """
     _, expected = expected_params(self.config)
     check_params(self.flat, expected, self.sources, self.network_name, self.hint)
-    return unflatten({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.flat.items()})
+    # np.array, not np.ascontiguousarray, which makes EDM2's scalar gains [1].
+    return unflatten({k: np.array(v, dtype=np.float32, order='C') for k, v in self.flat.items()})
 
   def denoiser(self) -> Tuple[Denoiser, Dict[str, Any]]:
     """(the converted run's `Denoiser`, its params), in memory: `denoiser.bind(params, labels)`."""

@@ -303,6 +303,7 @@ def make_iterator(
   repeat: bool = True,
   prefetch: int = 2,
   num_threads: Optional[int] = None,
+  skip_bad_images: bool = False,
 ) -> BatchIterator:
   """The batches of one host, from step `start_step` on.
 
@@ -322,6 +323,9 @@ def make_iterator(
       with several processes, of unequal local sizes).
     prefetch: batches prepared ahead on a background thread (0: synchronous).
     num_threads: decoding threads for record sources (None: min(8, CPU count)).
+    skip_bad_images: an image folder's files that are not images are left out, and files that
+      fail to decode are skipped, with a count (`data.folders`); otherwise either is an error
+      naming the file (found up front for the former).
 
   Returns:
     A `BatchIterator` of {'image': float32 [B_local, H, W, C] in [-1, 1], 'label': int32 [B_local]},
@@ -349,7 +353,7 @@ def make_iterator(
     raise ValueError(f'start_step must be >= 0, got {start_step}.')
   local = global_batch_size // process_count
   lo = process_index * local
-  source, builder = _open_random_access(spec, split, data_dir, num_threads)
+  source, builder = _open_random_access(spec, split, data_dir, num_threads, skip_bad_images)
   if source is not None:
     if len(source) == 0:
       raise ValueError(f'Split {split!r} of dataset {name!r} is empty.')

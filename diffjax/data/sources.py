@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from diffjax.data import digits as digits_lib  # noqa: E402
+from diffjax.data import folders  # noqa: E402
 from diffjax.data.specs import (  # noqa: E402
   DatasetNotPreparedError,
   DatasetSpec,
@@ -149,9 +150,16 @@ def _num_threads(num_threads: Optional[int]) -> int:
 
 
 def _open_random_access(
-  spec: DatasetSpec, split: str, data_dir: Optional[str], num_threads: Optional[int] = None
+  spec: DatasetSpec,
+  split: str,
+  data_dir: Optional[str],
+  num_threads: Optional[int] = None,
+  skip_bad_images: bool = False,
 ):
   """A random-access source for (spec, split), or None when only streaming is possible.
+
+  An image folder's files are checked up front (`folders.usable_images`); `skip_bad_images`
+  leaves out files that are not images, and skips files that fail to decode, counting both.
 
   Returns:
     (source, builder): source is an `_ArraySource` / `_RecordSource` or None; builder is the TFDS
@@ -160,19 +168,13 @@ def _open_random_access(
   if spec.source == 'folder':
     root = _folder_root(spec, data_dir)
     examples, _ = _image_folder(root)
+    if split not in examples:
+      folders.check_layout(root, split)
     _check_split(spec, split, list(examples))
-    items = examples[split]
-    unlabelled = spec.num_classes == 0
-    mode = 'L' if spec.channels == 1 else 'RGB'
-
-    def fetch(i: int) -> Tuple[np.ndarray, int]:
-      from PIL import Image
-
-      path, label = items[i]
-      with Image.open(path) as image:
-        pixels = np.asarray(image.convert(mode))
-      return pixels, 0 if unlabelled else label
-
+    items = folders.usable_images(root, split, tuple(examples[split]), skip_bad_images,
+                                  _num_threads(num_threads))
+    fetch = folders.Reader(items, 'L' if spec.channels == 1 else 'RGB', spec.num_classes == 0,
+                           skip_bad_images)
     return _RecordSource(len(items), fetch, spec, _num_threads(num_threads)), None
 
   if spec.in_memory:

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 from typing import Dict, List, Optional, Tuple
 
 # Must precede any TensorFlow import: keep its C++ start-up chatter out of training logs.
@@ -214,6 +215,27 @@ def _register_builtin() -> None:
 _register_builtin()
 
 
+_GENERIC = re.compile(r'images(\d+)x\1x([13])(?:_(\d+)classes)?')
+
+
+def generic_spec(name: str) -> Optional[DatasetSpec]:
+  """The spec a generic name gives: 'images256x256x3' (unconditional) or
+  'images128x128x3_1000classes', i.e. R×R×C images (C 1 or 3) and K classes. It names a shape
+  only: a converted run with no matching dataset (e.g. diffusers' ddpm-celebahq-256) samples
+  without any data; training or evaluating on the dataset itself reads an image folder
+  <data_dir>/NAME/train/<class>/ (FID: pass a reference, e.g. openai's reference batch). None when
+  `name` is not of that form."""
+  m = _GENERIC.fullmatch(name)
+  if m is None:
+    return None
+  resolution, channels, classes = int(m[1]), int(m[2]), int(m[3] or 0)
+  return DatasetSpec(name=name, resolution=resolution, channels=channels, num_classes=classes,
+                     source='folder', splits=('train',), resize_filter='lanczos',
+                     prepare_hint=f'put the images in <data_dir>/{name}/train/<class>/',
+                     description=f'Any {resolution}×{resolution}×{channels} images, '
+                     f'{classes or "no"} classes (a shape, for converted runs).')
+
+
 def list_datasets() -> List[str]:
   """The sorted names of the registered datasets."""
   return registry.names('dataset')
@@ -230,6 +252,8 @@ def get_dataset_spec(name: str, data_dir: Optional[str] = None) -> DatasetSpec:
   Raises:
     registry.UnknownNameError: for an unknown name, listing the known ones.
   """
+  if name not in registry.names('dataset') and generic_spec(name) is not None:
+    return generic_spec(name)
   spec = registry.get('dataset', name)
   if spec.source == 'folder' and spec.num_classes is None:
     root = _folder_root(spec, data_dir, must_exist=False)

@@ -1,6 +1,8 @@
-"""Evaluation: FID / KID / IS with the standard Inception-v3, reference statistics, the digits evaluator.
+"""Evaluation: FID / KID / IS with the standard Inception-v3, FD_DINOv2, reference statistics, the digits
+evaluator.
 
-Maths in `fid` (moments, Fréchet distance, IS, KID) and `inception` (the network); run-level work in
+Maths in `fid` (moments, Fréchet distance, IS, KID), `inception` and `dinov2` (the networks; their weights
+in `inception_weights`, `dinov2_weights`); run-level work in
 `sources` (image sources), `features` (streamed, sharded Inception features), `references` (what a
 FID is measured against, and the metrics), `protocols` (FID of a run, of image sets, the digits
 evaluator), `bpd` (bits/dim of runs) and `distill` (distilled students).
@@ -15,9 +17,19 @@ from diffjax.evaluation.digits_classifier import (
   load_digits_classifier,
   load_digits_split,
 )
+from diffjax.evaluation.dinov2 import DINOv2, DINOv2Config
+from diffjax.evaluation.dinov2_weights import (
+  dinov2_params_from_state_dict,
+  dinov2_state_dict_layout,
+  download_dinov2,
+  find_dinov2_weights,
+  load_dinov2_params,
+  make_dinov2_fn,
+)
 from diffjax.evaluation.features import (
   Features,
   generated_features,
+  load_dinov2,
   load_inception,
   source_features,
 )
@@ -49,6 +61,7 @@ from diffjax.evaluation.references import (
   Reference,
   check_reference,
   compute_metrics,
+  feature_networks,
   load_reference,
   parse_metrics,
   reference_statistics,
@@ -59,6 +72,8 @@ from diffjax.pth import load_pth
 
 __all__ = [
   'DIGITS_CLASSIFIER_PATH',
+  'DINOv2',
+  'DINOv2Config',
   'Features',
   'ImageSource',
   'InceptionV3',
@@ -75,12 +90,17 @@ __all__ = [
   'digits_logits',
   'digits_metrics',
   'digits_reference_statistics',
+  'dinov2_params_from_state_dict',
+  'dinov2_state_dict_layout',
+  'download_dinov2',
   'download_inception',
   'evaluate_digits',
   'evaluate_fid',
   'evaluate_images',
   'fid_from_statistics',
+  'feature_networks',
   'file_source',
+  'find_dinov2_weights',
   'find_inception_weights',
   'frechet_distance',
   'generated_features',
@@ -90,11 +110,14 @@ __all__ = [
   'kernel_inception_distance',
   'load_digits_classifier',
   'load_digits_split',
+  'load_dinov2',
+  'load_dinov2_params',
   'load_inception',
   'load_inception_params',
   'load_pth',
   'load_reference',
   'load_statistics',
+  'make_dinov2_fn',
   'make_inception_fn',
   'parse_metrics',
   'quantize_images',

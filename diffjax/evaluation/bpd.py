@@ -67,7 +67,7 @@ def evaluate_bpd(workdir: str, *, split: str = 'test', num_examples: Optional[in
   if repeats < 1:
     raise ValueError(f'--repeats must be at least 1, got {repeats}.')
   run = runs.load(workdir, step)
-  the_sde = precond_sde.resolve_sde(sde, run.denoiser.precond)
+  the_sde = _resolve_sde(sde, run.denoiser.precond, workdir)
   images, labels = data.load_split_as_array(run.config.data.name, split, data_dir, num_examples)
   n = len(images)
   if n == 0:
@@ -133,6 +133,28 @@ def evaluate_bpd(workdir: str, *, split: str = 'test', num_examples: Optional[in
   return result
 
 
+def _resolve_sde(sde: Any, precond, workdir: str):
+  """The run's SDE, or one sentence naming the flag that picks one when it carries none."""
+  try:
+    return precond_sde.resolve_sde(sde, precond)
+  except ValueError as e:
+    if sde is not None:
+      raise
+    raise ValueError(
+        f'{workdir} uses the {precond.name!r} preconditioning, which carries no SDE; name the one '
+        f'whose probability-flow ODE scores it: `evaluate.py bpd --workdir={workdir} --sde=ve` '
+        "(or vp, subvp; sde='ve' from Python).") from e
+
+
+def _bpd_command(precond, workdir: str) -> str:
+  """The `evaluate.py bpd` command that scores this run (with --sde when it needs one)."""
+  try:
+    precond_sde.resolve_sde(None, precond)
+    return f'`evaluate.py bpd --workdir={workdir}`'
+  except ValueError:
+    return f'`evaluate.py bpd --workdir={workdir} --sde=ve`'
+
+
 def model_variance(config) -> str:
   """The reverse variance a run's model was trained with (its config.loss.kwargs.variance)."""
   kwargs = config.loss.get('kwargs', None) or {}
@@ -166,7 +188,13 @@ def evaluate_bpd_vlb(workdir: str, *, split: str = 'test', num_images: Optional[
   from diffjax import data  # Lazy: tensorflow_datasets loads only when data is read.
 
   run = runs.load(workdir, step)
-  schedule = precond_discrete.schedule_of(run.denoiser.precond)
+  try:
+    schedule = precond_discrete.schedule_of(run.denoiser.precond)
+  except ValueError as e:  # its advice is for samplers; here the likelihood of the ODE is the way
+    raise ValueError(
+        f'The VLB needs a discrete model (precond ddpm or iddpm), and {workdir} uses '
+        f'{run.denoiser.precond.name!r}; score it by the probability-flow ODE instead: '
+        f'{_bpd_command(run.denoiser.precond, workdir)}.') from e
   variance = model_variance(run.config)
   mesh = parallel.make_mesh()
   n_dev = mesh.devices.size

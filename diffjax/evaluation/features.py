@@ -1,18 +1,21 @@
 """Inception features of image sources and of a run's samples, sharded over every device and
-streamed into moments, so 50k images never sit in memory (REFERENCE §6: EDM's quantization)."""
+streamed into moments, so 50k images never sit in memory (REFERENCE §6: EDM's quantization).
+
+The same batches can also go through DINOv2 ViT-L/14 (`networks=('inception', 'dinov2')`), whose
+feature moments give FD_DINOv2 (EDM2); `networks=('dinov2',)` skips Inception altogether."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
 import jax
 import numpy as np
 
 from diffjax import build, parallel, sampling
-from diffjax.evaluation import fid, inception_weights
+from diffjax.evaluation import dinov2_weights, fid, inception_weights
 from diffjax.evaluation.sources import ImageSource, _check_uint8_images
 
 _PREVIEW = 100  # images in the PNG grid written next to a result
@@ -55,6 +58,44 @@ def _inception_fn(variables: Optional[Mapping[str, Any]], outputs: tuple[str, ..
   return _INCEPTION_FNS[key][1]
 
 
+@functools.lru_cache(maxsize=1)
+def load_dinov2(path: Optional[str] = None) -> dict:
+  """The DINOv2 ViT-L/14 weights as Flax variables (cached; reading 1.2 GB takes a while).
+
+  Args:
+    path: the published `.pth`; None searches the default places (`find_dinov2_weights`, whose error
+      says where to download it from).
+  """
+  return dinov2_weights.load_dinov2_params(path)
+
+
+_DINOV2_FNS: dict = {}
+
+
+def _dinov2_fn(variables: Optional[Mapping[str, Any]], mesh) -> Callable:
+  """A data-parallel DINOv2 feature function, built once per (weights, mesh), as `_inception_fn`."""
+  if variables is None:
+    variables = load_dinov2()
+  key = (id(variables), mesh)
+  if key not in _DINOV2_FNS:
+    if len(_DINOV2_FNS) >= 2:
+      _DINOV2_FNS.pop(next(iter(_DINOV2_FNS)))
+    _DINOV2_FNS[key] = (variables, dinov2_weights.make_dinov2_fn(variables, mesh=mesh))
+  return _DINOV2_FNS[key][1]
+
+
+NETWORKS = ('inception', 'dinov2')
+
+
+def _check_networks(networks: Sequence[str]) -> tuple[str, ...]:
+  networks = tuple(networks)
+  unknown = [n for n in networks if n not in NETWORKS]
+  if unknown or not networks:
+    raise ValueError(f'Unknown feature network(s) {", ".join(unknown) or "(none)"}; known: '
+                     f'{", ".join(NETWORKS)}.')
+  return networks
+
+
 # --------------------------------------------------------------------------------------------------------
 # Features.
 
@@ -64,11 +105,12 @@ class Features:
   """What Inception saw of one image set.
 
   Attributes:
-    stats: mean and covariance of the pool3 features (2048).
+    stats: mean and covariance of the pool3 features (2048); None if Inception was not run.
     num_images: N.
     pool3: [N, 2048] float32 features, if kept (KID).
     logits: [N, 1008] float32 unbiased logits, if kept (IS).
     preview: uint8 [<=100, H, W, C], the first images (generated sets only).
+    dinov2: mean and covariance of the DINOv2 features (1024, FD_DINOv2), if computed.
   """
 
   stats: Any
@@ -76,6 +118,7 @@ class Features:
   pool3: Optional[np.ndarray] = None
   logits: Optional[np.ndarray] = None
   preview: Optional[np.ndarray] = None
+  dinov2: Any = None
 
 
 def _to_host(x) -> np.ndarray:
@@ -98,33 +141,70 @@ def _round_batch(batch_size: int, num_devices: int) -> int:
 
 
 class _FeatureSink:
-  """Streams device batches of uint8 images through Inception into `StreamingStats`."""
+  """Streams device batches of uint8 images through Inception (and DINOv2) into `StreamingStats`."""
 
-  def __init__(self, variables, mesh, keep_pool3: bool, keep_logits: bool):
+  def __init__(self, variables, mesh, keep_pool3: bool, keep_logits: bool,
+               networks: Sequence[str] = ('inception',), dinov2_variables=None):
+    networks = _check_networks(networks)
     outputs = ('pool3', 'logits_unbiased') if keep_logits else ('pool3',)
-    self.fn = _inception_fn(variables, outputs, mesh)
-    self.stats = fid.StreamingStats()
+    self.fn = _inception_fn(variables, outputs, mesh) if 'inception' in networks else None
+    self.dinov2_fn = _dinov2_fn(dinov2_variables, mesh) if 'dinov2' in networks else None
+    self.stats, self.dinov2_stats = fid.StreamingStats(), fid.StreamingStats()
     self.keep_pool3, self.keep_logits = keep_pool3, keep_logits
     self.pool3, self.logits, self.preview = [], [], []
     self.num_preview = 0
 
   def add(self, images, valid: int, keep_preview: bool = False) -> None:
     """Adds the first `valid` images of a (sharded, padded) uint8 batch [B, H, W, C]."""
-    out = self.fn(images)
     mask = np.arange(images.shape[0]) < valid
-    self.stats.update(out['pool3'], None if mask.all() else mask)
-    if self.keep_pool3:
-      self.pool3.append(_to_host(out['pool3'])[:valid])
-    if self.keep_logits:
-      self.logits.append(_to_host(out['logits_unbiased'])[:valid])
+    if self.dinov2_fn is not None:
+      self.dinov2_stats.update(self.dinov2_fn(images), None if mask.all() else mask)
+    if self.fn is not None:
+      out = self.fn(images)
+      self.stats.update(out['pool3'], None if mask.all() else mask)
+      if self.keep_pool3:
+        self.pool3.append(_to_host(out['pool3'])[:valid])
+      if self.keep_logits:
+        self.logits.append(_to_host(out['logits_unbiased'])[:valid])
     if keep_preview and self.num_preview < _PREVIEW:
       self.preview.append(_to_host(images)[:min(valid, _PREVIEW - self.num_preview)])
       self.num_preview += len(self.preview[-1])
 
   def result(self) -> Features:
-    stats = self.stats.statistics()  # raises one sentence for fewer than 2 images
+    # statistics() raises one sentence for fewer than 2 images.
+    stats = self.stats.statistics() if self.fn is not None else None
+    dinov2 = self.dinov2_stats.statistics() if self.dinov2_fn is not None else None
     cat = lambda xs: np.concatenate(xs) if xs else None
-    return Features(stats, int(stats.n), cat(self.pool3), cat(self.logits), cat(self.preview))
+    return Features(stats, int((stats or dinov2).n), cat(self.pool3), cat(self.logits),
+                    cat(self.preview), dinov2)
+
+  def _moments(self) -> tuple[tuple[str, Any], ...]:
+    """(name, StreamingStats) of every feature network's moments: what a shard persists."""
+    return (('inception', self.stats), ('dinov2', self.dinov2_stats))
+
+  def state(self) -> dict[str, np.ndarray]:
+    """What the sink has gathered, as arrays: every network's moments (float64, see
+    `StreamingStats.state`) as '<network>_<n|mean|scatter>', and the kept `pool3`, `logits`
+    (float32) and `preview` images (uint8). A shard of a resumable evaluation is one sink's state.
+    """
+    out = {f'{name}_{k}': v for name, stats in self._moments() for k, v in stats.state().items()}
+    for name in ('pool3', 'logits', 'preview'):
+      if getattr(self, name):
+        out[name] = np.concatenate(getattr(self, name))
+    return out
+
+  def absorb(self, state: Mapping[str, np.ndarray]) -> None:
+    """Adds another sink's `state()` (e.g. a shard read back): moments by the pairwise update,
+    features, logits and preview appended after what is already here."""
+    for name, stats in self._moments():
+      prefix = name + '_'
+      part = {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)}
+      if part:
+        stats.merge(fid.StreamingStats.from_state(part))
+    for name in ('pool3', 'logits', 'preview'):
+      if name in state and len(state[name]):
+        getattr(self, name).append(np.asarray(state[name]))
+    self.num_preview = sum(len(p) for p in self.preview)
 
 
 def _progress(progress: bool, total: Optional[int], desc: str):
@@ -136,7 +216,8 @@ def _progress(progress: bool, total: Optional[int], desc: str):
 
 def source_features(source: ImageSource, *, keep_pool3: bool = False, keep_logits: bool = False,
                     batch_size: int = 128, inception_variables: Optional[Mapping[str, Any]] = None,
-                    mesh=None, progress: bool = False) -> Features:
+                    mesh=None, progress: bool = False, networks: Sequence[str] = ('inception',),
+                    dinov2_variables: Optional[Mapping[str, Any]] = None) -> Features:
   """Inception features of an image set, streamed in sharded batches of a fixed size.
 
   Host batches of any size are re-cut into batches of `batch_size` (rounded to the device count); the
@@ -151,11 +232,14 @@ def source_features(source: ImageSource, *, keep_pool3: bool = False, keep_logit
       published weights (`load_inception`).
     mesh: the device mesh (default: all devices).
     progress: show a progress bar.
+    networks: which feature networks see the images: 'inception' (FID, IS, KID), 'dinov2' (FD_DINOv2).
+    dinov2_variables: Flax variables of `dinov2.DINOv2` (tests pass a tiny random one; its config is
+      read from the shapes); None loads the published ViT-L/14 (`load_dinov2`).
   """
   mesh = mesh or parallel.make_mesh()
   batch_size = _round_batch(batch_size, mesh.devices.size)
   sharding = parallel.batch_sharding(mesh)
-  sink = _FeatureSink(inception_variables, mesh, keep_pool3, keep_logits)
+  sink = _FeatureSink(inception_variables, mesh, keep_pool3, keep_logits, networks, dinov2_variables)
   bar = _progress(progress, source.num_images, source.description)
   pending = []
 
@@ -198,7 +282,9 @@ def generated_features(run, seeds: Sequence[int], *, sampler: Optional[str] = No
                        num_steps: Optional[int] = None, guidance: float = 0.0,
                        keep_pool3: bool = False, keep_logits: bool = False, batch_size: int = 128,
                        inception_variables: Optional[Mapping[str, Any]] = None, mesh=None,
-                       progress: bool = False, **sampler_kwargs) -> Features:
+                       progress: bool = False, networks: Sequence[str] = ('inception',),
+                       dinov2_variables: Optional[Mapping[str, Any]] = None,
+                       **sampler_kwargs) -> Features:
   """Samples one image per seed from a trained run and streams it through Inception.
 
   Image k depends on seed k only (its latents and noise), whatever the batch size or device count;
@@ -210,7 +296,8 @@ def generated_features(run, seeds: Sequence[int], *, sampler: Optional[str] = No
     seeds: the seeds, [N].
     sampler, num_steps, sampler_kwargs: override the run's config.sample (e.g. s_churn).
     guidance: classifier-free guidance weight w.
-    keep_pool3, keep_logits, batch_size, inception_variables, mesh, progress: as in `source_features`.
+    keep_pool3, keep_logits, batch_size, inception_variables, mesh, progress, networks,
+      dinov2_variables: as in `source_features`.
 
   Returns:
     `Features` of the N images, with a preview of the first 100.
@@ -220,6 +307,42 @@ def generated_features(run, seeds: Sequence[int], *, sampler: Optional[str] = No
   seeds = np.asarray(list(seeds), np.int64)
   if len(seeds) < 2:
     raise ValueError(f'FID needs at least 2 images; got {len(seeds)} seed(s).')
+  (_, sink), = generated_feature_groups(  # one group: all the seeds
+      run, seeds, [np.arange(len(seeds))], sampler=sampler, num_steps=num_steps, guidance=guidance,
+      keep_pool3=keep_pool3, keep_logits=keep_logits, batch_size=batch_size,
+      inception_variables=inception_variables, mesh=mesh, progress=progress, networks=networks,
+      dinov2_variables=dinov2_variables, **sampler_kwargs)
+  return sink.result()
+
+
+def generated_feature_groups(run, seeds: Sequence[int], groups: Sequence[Sequence[int]], *,
+                             sampler: Optional[str] = None, num_steps: Optional[int] = None,
+                             guidance: float = 0.0, keep_pool3: bool = False,
+                             keep_logits: bool = False, batch_size: int = 128,
+                             inception_variables: Optional[Mapping[str, Any]] = None, mesh=None,
+                             progress: bool = False, networks: Sequence[str] = ('inception',),
+                             dinov2_variables: Optional[Mapping[str, Any]] = None,
+                             **sampler_kwargs) -> Iterator[tuple[np.ndarray, '_FeatureSink']]:
+  """`generated_features` group by group: one fresh sink per group of seeds, yielded when full.
+
+  What a resumable evaluation keeps as shards (`feature_shards`): sampling and the networks are
+  compiled once for all groups, and each group is sampled in batches of `batch_size` from its first
+  position, so a group's moments do not depend on which other groups are sampled in the same call.
+
+  Args:
+    run, seeds, sampler, num_steps, guidance, keep_pool3, keep_logits, batch_size,
+      inception_variables, mesh, progress, networks, dinov2_variables, sampler_kwargs: as in
+      `generated_features`.
+    groups: the groups, each a contiguous increasing range of positions into `seeds` ([G] ints).
+
+  Yields:
+    (positions [G], sink) per group, in order; the sink keeps the preview of positions < 100.
+  """
+  seeds = np.asarray(list(seeds), np.int64)
+  groups = [np.asarray(g, np.int64).reshape(-1) for g in groups]
+  groups = [g for g in groups if len(g)]
+  if not groups:
+    return
   mesh = mesh or parallel.make_mesh()
   batch_size = _round_batch(batch_size, mesh.devices.size)
   shard, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
@@ -237,25 +360,29 @@ def generated_features(run, seeds: Sequence[int], *, sampler: Optional[str] = No
   jitted = jax.jit(sample_uint8, in_shardings=(rep, shard, None if labels is None else shard),
                    out_shardings=shard)
   params = jax.device_put(run.ema_params, rep)
-  sink = _FeatureSink(inception_variables, mesh, keep_pool3, keep_logits)
-  desc = f'seeds {_seed_text(seeds)}'
-  bar = _progress(progress, len(seeds), desc)
+  desc = f'seeds {_seed_text(np.concatenate([seeds[g] for g in groups]))}'
+  bar = _progress(progress, sum(len(g) for g in groups), desc)
   try:
-    for start in range(0, len(seeds), batch_size):
-      chunk = seeds[start:start + batch_size]
-      valid = len(chunk)
-      # Pad to the full batch (padding images are masked out) so sampling and Inception compile once.
-      idx = np.concatenate([np.arange(start, start + valid), np.full(batch_size - valid, start)])
-      words = _global_batch((seeds[idx] % (1 << 32)).astype(np.uint32), shard)
-      lab = None if labels is None else _global_batch(np.asarray(labels[idx], np.int32), shard)
-      images = jitted(params, words, lab)
-      sink.add(images, valid, keep_preview=True)
-      if bar is not None:
-        bar.update(valid)
+    for group in groups:
+      sink = _FeatureSink(inception_variables, mesh, keep_pool3, keep_logits, networks,
+                          dinov2_variables)
+      sink.num_preview = min(_PREVIEW, int(group[0]))  # the preview is of the first 100 seeds
+      for start in range(0, len(group), batch_size):
+        chunk = group[start:start + batch_size]
+        valid = len(chunk)
+        # Padded to the full batch (padding images are masked out): sampling and Inception compile
+        # once.
+        idx = np.concatenate([chunk, np.full(batch_size - valid, chunk[0])])
+        words = _global_batch((seeds[idx] % (1 << 32)).astype(np.uint32), shard)
+        lab = None if labels is None else _global_batch(np.asarray(labels[idx], np.int32), shard)
+        images = jitted(params, words, lab)
+        sink.add(images, valid, keep_preview=True)
+        if bar is not None:
+          bar.update(valid)
+      yield group, sink
   finally:
     if bar is not None:
       bar.close()
-  return sink.result()
 
 
 def _seed_text(seeds: Sequence[int]) -> str:

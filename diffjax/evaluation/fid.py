@@ -267,6 +267,37 @@ class StreamingStats:
       self.add_centred(other.n, other.mean, other.scatter)
     return self
 
+  def state(self) -> dict[str, np.ndarray]:
+    """The accumulator as float64 arrays, to persist it (a shard of a resumable evaluation).
+
+    {'n': count, 'mean': [D], 'scatter': [D, D]} (just {'n': 0} while empty): the sums Σf = n·mean and
+    Σffᵀ = scatter + n·mean·meanᵀ in the centred form, which does not lose the covariance to
+    cancellation. `from_state` gives back an accumulator equal to this one bit for bit.
+    """
+    if self.mean is None:
+      return {'n': np.float64(self.n)}
+    return {'n': np.float64(self.n), 'mean': np.asarray(self.mean, np.float64),
+            'scatter': np.asarray(self.scatter, np.float64)}
+
+  @classmethod
+  def from_state(cls, state: Any) -> 'StreamingStats':
+    """An accumulator from `state()`'s arrays (a dict, or an open `.npz`).
+
+    Raises:
+      ValueError: arrays that do not describe one accumulator.
+    """
+    stats = cls()
+    stats.n = float(np.asarray(state['n']))
+    if 'mean' in state:
+      mean, scatter = np.asarray(state['mean'], np.float64), np.asarray(state['scatter'], np.float64)
+      if mean.ndim != 1 or scatter.shape != mean.shape * 2:
+        raise ValueError(f'Saved statistics of mean {mean.shape} and scatter {scatter.shape} do not '
+                         'describe one set of features.')
+      stats.mean, stats.scatter = mean, scatter
+    elif stats.n:
+      raise ValueError(f'Saved statistics count {stats.n:g} features but hold no mean.')
+    return stats
+
   def statistics(self) -> Statistics:
     """Mean and unbiased covariance of everything added so far."""
     if self.mean is None or self.n < 2:

@@ -35,11 +35,17 @@ import numpy as np
 
 from diffjax import build, parallel, runs, sampling
 from diffjax import images as images_lib
-from diffjax.evaluation import digits_classifier
-from diffjax.evaluation.features import _seed_text, generated_features, source_features
+from diffjax.evaluation import digits_classifier, feature_shards
+from diffjax.evaluation.features import (
+  _FeatureSink,
+  _seed_text,
+  generated_feature_groups,
+  source_features,
+)
 from diffjax.evaluation.references import (
   check_reference,
   compute_metrics,
+  feature_networks,
   load_reference,
   parse_metrics,
 )
@@ -143,9 +149,16 @@ def evaluate_fid(workdir: str, ref: str, *, num_images: int = 50_000,
                  guidance: float = 0.0, batch_size: int = 128, step: Optional[int] = None,
                  split: str = 'train', data_dir: Optional[str] = None, out: Optional[str] = None,
                  is_splits: int = 10, kid_subset_size: int = 1000,
+                 shard_size: int = feature_shards.DEFAULT_SHARD_SIZE,
                  inception_variables: Optional[Mapping[str, Any]] = None, mesh=None,
-                 progress: bool = False, **sampler_kwargs) -> dict:
+                 progress: bool = False, dinov2_variables: Optional[Mapping[str, Any]] = None,
+                 **sampler_kwargs) -> dict:
   """FID (IS, KID) of a trained run's samples against a reference; results to WORKDIR/eval/*.json.
+
+  Resumable: each seed set is evaluated in shards of `shard_size` seeds whose feature statistics go
+  to OUT/shards/ as they finish (`feature_shards`; OUT is the result's path without `.json`). The
+  same call after a kill skips the shards already there (it says how many images it found) and
+  gives the same result as an uninterrupted one; shards of other settings are refused.
 
   Args:
     workdir: a train.py run.
@@ -154,43 +167,108 @@ def evaluate_fid(workdir: str, ref: str, *, num_images: int = 50_000,
     seeds: explicit seeds (list or '0-999,2000-2999'); overrides num_images / first_seed.
     first_seed: first seed of the (first) set.
     protocol: None, or 'edm3' (three sets of N seeds; the set of minimum FID is reported).
-    metrics: 'fid', 'is', 'kid' (list or comma-separated text).
+    metrics: 'fid', 'is', 'kid', 'fd_dinov2' (list or comma-separated text).
     sampler, num_steps, guidance, sampler_kwargs: sampling settings (default: the run's config).
     batch_size: images per device batch, over all devices.
     step: checkpoint step (default: the newest).
     split, data_dir: for a dataset reference.
-    out: the JSON path (default WORKDIR/eval/fid_<step>_<settings>.json; a PNG preview goes beside).
+    out: the JSON path (default WORKDIR/eval/fid_<step>_<settings>.json; a PNG preview goes beside,
+      the shards in the folder of the same name).
     is_splits, kid_subset_size: see `compute_metrics`.
+    shard_size: seeds per shard (what a kill can lose; each shard's file holds a D×D float64 scatter,
+      32 MB for Inception's 2048 features).
     inception_variables: Inception weights (tests pass random ones); None loads the published file.
     mesh, progress: devices and progress bar.
+    dinov2_variables: DINOv2 weights for fd_dinov2 (tests pass tiny random ones); None loads the
+      published file.
 
   Returns:
     The result dict (as written): the metrics of the reported set at the top level ('fid', …), with
     'sets' holding every set's metrics and seeds when the protocol has several; plus the settings,
-    'step', 'ref', 'seconds' and 'json' (the path written).
+    'step', 'ref', 'seconds', 'found' (images whose shards were already done), 'shards' (their
+    folder) and 'json' (the path written).
   """
   metrics = parse_metrics(metrics)
   sets = seed_sets(num_images, seeds=seeds, first_seed=first_seed, protocol=protocol)
-  need_kid = 'kid' in metrics
-  check_reference(ref, need_features=need_kid, split=split)  # fail before loading and sampling
+  feature_shards.shard_groups(1, shard_size)  # a bad --shard_size fails before anything is read
+  need_kid, networks = 'kid' in metrics, feature_networks(metrics)
+  ref_kind = check_reference(ref, need_features=need_kid, split=split,  # before loading, sampling
+                             need_dinov2='dinov2' in networks,
+                             need_inception='inception' in networks)
   start = time.time()
   run = runs.load(workdir, step)
   name = sampler or run.config.sample.sampler
   steps = int(num_steps or run.config.sample.num_steps)
+  kwargs = _option_values(sampler_kwargs)
+  out = out or os.path.join(workdir, 'eval', _result_name(run.step, name, steps, guidance, kwargs,
+                                                          len(sets[0]), protocol) + '.json')
+  shards = feature_shards.FeatureShards(
+      os.path.join(os.path.splitext(out)[0], feature_shards.SHARD_DIR),
+      _shard_settings(run, name, steps, guidance, kwargs, sets, protocol, metrics,
+                      feature_shards.reference_id(ref, ref_kind, split),
+                      {'inception': inception_variables, 'dinov2': dinov2_variables},
+                      shard_size))
+
+  def open_shards() -> list:
+    try:
+      return shards.open()
+    except OSError as e:
+      raise OSError(f'Cannot write feature statistics to {shards.dir} ({e.strerror or e}); pass an '
+                    '--out on a writable disk with free space.') from e
+
+  done = set(parallel.on_main(open_shards))  # every process: the same shards to skip
+  # After the settings check: a refusal comes before the reference's images go through a network.
   reference = load_reference(ref, need_features=need_kid, split=split, data_dir=data_dir,
                              batch_size=batch_size, inception_variables=inception_variables,
-                             mesh=mesh, progress=progress)
-  results, preview = [], None
+                             mesh=mesh, progress=progress, networks=networks,
+                             dinov2_variables=dinov2_variables)
+  plans = []
   for set_seeds in sets:
-    features = generated_features(
-      run, set_seeds, sampler=name, num_steps=steps, guidance=guidance, keep_pool3=need_kid,
-      keep_logits='is' in metrics, batch_size=batch_size, inception_variables=inception_variables,
-      mesh=mesh, progress=progress, **sampler_kwargs)
-    preview = features.preview if preview is None else preview
-    entry = compute_metrics(features, reference, metrics, is_splits=is_splits,
-                            kid_subset_size=kid_subset_size)
-    entry['seeds'] = _seed_text(set_seeds)
-    results.append(entry)
+    set_seeds = np.asarray(set_seeds, np.int64)
+    groups = feature_shards.shard_groups(len(set_seeds), shard_size)
+    todo = [g for g in groups if feature_shards.shard_name(set_seeds[g]) not in done]
+    plans.append((set_seeds, groups, todo))
+  total = sum(len(s) for s in sets)
+  found = total - sum(len(g) for _, _, todo in plans for g in todo)
+  if found and parallel.is_main_process():
+    print(f'Found {found} of {total} images already evaluated in {shards.dir}; evaluating the '
+          f'other {total - found}.', flush=True)
+
+  def write(seeds_done: np.ndarray, state: dict) -> None:
+    try:
+      shards.write(seeds_done, state)
+    except OSError as e:
+      raise OSError(f'Cannot write feature statistics to {shards.dir} ({e.strerror or e}); free '
+                    'disk space or fix the permissions, then rerun the same command: the '
+                    f'{len(shards.done)} shards there are kept.') from e
+
+  keep = dict(keep_pool3=need_kid, keep_logits='is' in metrics, networks=networks,
+              dinov2_variables=dinov2_variables)
+  results = []
+  for k, (set_seeds, groups, todo) in enumerate(plans):
+    for group, sink in generated_feature_groups(
+        run, set_seeds, todo, sampler=name, num_steps=steps, guidance=guidance,
+        batch_size=batch_size, inception_variables=inception_variables, mesh=mesh,
+        progress=progress, **keep, **sampler_kwargs):
+      state = sink.state()
+      # Through on_main: a failed write stops every process at once, not at the next collective.
+      parallel.on_main(lambda done=set_seeds[group], state=state: write(done, state))
+
+    def score(k=k, set_seeds=set_seeds, groups=groups) -> dict:
+      # Every shard read back and merged in seed order, as in an uninterrupted run: the same
+      # numbers whichever shards this call computed.
+      merged = _FeatureSink(inception_variables, mesh or parallel.make_mesh(), **keep)
+      for group in groups:
+        merged.absorb(shards.read(set_seeds[group]))
+      features = merged.result()
+      if k == 0 and features.preview is not None and len(features.preview):
+        images_lib.save_grid(features.preview, os.path.splitext(out)[0] + '.png', ncols=10)
+      entry = compute_metrics(features, reference, metrics, is_splits=is_splits,
+                              kid_subset_size=kid_subset_size)
+      entry['seeds'] = _seed_text(set_seeds)
+      return entry
+
+    results.append(parallel.on_main(score))  # process 0 holds the shards; all get the metrics
   best = min(range(len(results)), key=lambda i: results[i].get('fid', 0.0))
   result = dict(results[best])
   if len(results) > 1:
@@ -198,50 +276,68 @@ def evaluate_fid(workdir: str, ref: str, *, num_images: int = 50_000,
   result.update(
     step=run.step, workdir=workdir, ref=reference.description, sampler=name, num_steps=steps,
     guidance=float(guidance), protocol=protocol, metrics=list(metrics), batch_size=batch_size,
-    seconds=round(time.time() - start, 1),
-    **_option_values(sampler_kwargs),
+    seconds=round(time.time() - start, 1), found=found, shards=shards.dir, **kwargs,
   )
-  kwargs = _option_values(sampler_kwargs)
-  out = out or os.path.join(workdir, 'eval', _result_name(run.step, name, steps, guidance, kwargs,
-                                                          len(sets[0]), protocol) + '.json')
   result['json'] = out
   _write_json(out, result)
-  if preview is not None and len(preview) and parallel.is_main_process():
-    images_lib.save_grid(preview, os.path.splitext(out)[0] + '.png', ncols=10)
   return result
+
+
+def _shard_settings(run, sampler: str, steps: int, guidance: float, options: dict,
+                    sets: Sequence[Sequence[int]], protocol: Optional[str],
+                    metrics: Sequence[str], reference_id: dict, weights: Mapping[str, Any],
+                    shard_size: int) -> dict:
+  """What an evaluation's feature statistics depend on (`feature_shards.FeatureShards` settings).
+
+  The batch size and device count are left out: image k depends on seed k only, and they change
+  the statistics by float32 round-off only. The reference is in (`feature_shards.reference_id`)
+  although the shards hold generated images' statistics only: a result is never assembled from
+  shards of an evaluation against something else.
+  """
+  return {
+      'format': feature_shards.FORMAT, 'config': run.config.to_dict(), 'step': int(run.step),
+      'sampler': sampler, 'num_steps': int(steps), 'options': options, 'guidance': float(guidance),
+      'seeds': [_seed_text(s) for s in sets], 'protocol': protocol, 'metrics': sorted(metrics),
+      'reference': reference_id,
+      'weights': {name: feature_shards.weights_id(w) for name, w in weights.items()},
+      'shard_size': int(shard_size)}
 
 
 def evaluate_images(images: str | np.ndarray, ref: str, *, metrics: Sequence[str] | str = ('fid',),
                     split: str = 'train', data_dir: Optional[str] = None, out: Optional[str] = None,
                     batch_size: int = 128, is_splits: int = 10, kid_subset_size: int = 1000,
                     inception_variables: Optional[Mapping[str, Any]] = None, mesh=None,
-                    progress: bool = False) -> dict:
+                    progress: bool = False,
+                    dinov2_variables: Optional[Mapping[str, Any]] = None) -> dict:
   """FID (IS, KID) of a set of images against a reference.
 
   Args:
     images: an `.npz` with `images` (uint8 NHWC), a folder of image files, or a uint8 array.
     ref: the reference (module docstring).
     metrics, split, data_dir, batch_size, is_splits, kid_subset_size, inception_variables, mesh,
-      progress: as in `evaluate_fid`.
+      progress, dinov2_variables: as in `evaluate_fid`.
     out: a JSON path to write the result to (None: only returned).
 
   Returns:
     {'fid', …, 'num_images', 'images', 'ref', 'seconds'} (+ 'json' when written).
   """
   metrics = parse_metrics(metrics)
-  need_kid = 'kid' in metrics
+  need_kid, networks = 'kid' in metrics, feature_networks(metrics)
   if isinstance(images, (str, os.PathLike)):
     source = file_source(os.fspath(images), batch_size)
   else:
     source = array_source(images, batch_size=batch_size)
-  check_reference(ref, need_features=need_kid, split=split)
+  check_reference(ref, need_features=need_kid, split=split, need_dinov2='dinov2' in networks,
+                  need_inception='inception' in networks)
   start = time.time()
   reference = load_reference(ref, need_features=need_kid, split=split, data_dir=data_dir,
                              batch_size=batch_size, inception_variables=inception_variables,
-                             mesh=mesh, progress=progress)
+                             mesh=mesh, progress=progress, networks=networks,
+                             dinov2_variables=dinov2_variables)
   features = source_features(source, keep_pool3=need_kid, keep_logits='is' in metrics,
                              batch_size=batch_size, inception_variables=inception_variables,
-                             mesh=mesh, progress=progress)
+                             mesh=mesh, progress=progress, networks=networks,
+                             dinov2_variables=dinov2_variables)
   result = compute_metrics(features, reference, metrics, is_splits=is_splits,
                            kid_subset_size=kid_subset_size)
   result.update(images=source.description, ref=reference.description, metrics=list(metrics),

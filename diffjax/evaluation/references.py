@@ -1,5 +1,9 @@
 """FID references (statistics .npz, images, or a dataset name[:split]) and the metrics computed
-against them (FID, IS, KID)."""
+against them (FID, IS, KID, and EDM2's FD_DINOv2: the Fréchet distance of DINOv2 ViT-L/14 features).
+
+A statistics `.npz` holds Inception's `mu`, `sigma` and, when written with DINOv2 (`reference_statistics(
+..., networks=('inception', 'dinov2'))`, `evaluate.py ref --metrics=fid,fd_dinov2`), `dinov2_mu`,
+`dinov2_sigma` too. (EDM2's own reference `.pkl` files are pickles and are not read.)"""
 
 from __future__ import annotations
 
@@ -15,7 +19,14 @@ from diffjax.evaluation import fid
 from diffjax.evaluation.features import Features, source_features
 from diffjax.evaluation.sources import dataset_source, file_source
 
-METRICS = ('fid', 'is', 'kid')
+METRICS = ('fid', 'is', 'kid', 'fd_dinov2')
+_INCEPTION_METRICS = ('fid', 'is', 'kid')
+
+
+def feature_networks(metrics: Sequence[str]) -> tuple[str, ...]:
+  """The feature networks `metrics` need: ('inception',), ('dinov2',) or both."""
+  return (('inception',) if any(m in _INCEPTION_METRICS for m in metrics) else ()) + (
+    ('dinov2',) if 'fd_dinov2' in metrics else ())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -28,13 +39,15 @@ class Reference:
 
   Attributes:
     description: what it is (path or dataset:split).
-    stats: the pool3 statistics.
+    stats: the pool3 statistics (None when only DINOv2 was computed).
     pool3: [N, 2048] features when known (needed by KID).
+    dinov2: the DINOv2 feature statistics (FD_DINOv2), when known.
   """
 
   description: str
   stats: Any
   pool3: Optional[np.ndarray] = None
+  dinov2: Any = None
 
 
 def _split_dataset_name(ref: str, split: str) -> tuple[str, str] | None:
@@ -46,8 +59,13 @@ def _split_dataset_name(ref: str, split: str) -> tuple[str, str] | None:
   return None
 
 
-def check_reference(ref: str, *, need_features: bool = False, split: str = 'train') -> str:
+def check_reference(ref: str, *, need_features: bool = False, split: str = 'train',
+                    need_dinov2: bool = False, need_inception: bool = True) -> str:
   """Checks cheaply (before any sampling) that `ref` can serve as a reference; returns its kind.
+
+  Args:
+    need_features: KID (the reference pool3 features); need_dinov2: FD_DINOv2 (DINOv2 statistics);
+      need_inception: any Inception metric (`mu`, `sigma`).
 
   Returns:
     'statistics', 'images' or 'dataset'.
@@ -66,7 +84,14 @@ def check_reference(ref: str, *, need_features: bool = False, split: str = 'trai
                        'images or a dataset name.')
     with np.load(ref) as data:
       keys = set(data.files)
-    if {'mu', 'sigma'} <= keys:
+    if {'mu', 'sigma'} <= keys or {'dinov2_mu', 'dinov2_sigma'} <= keys:
+      if need_dinov2 and not {'dinov2_mu', 'dinov2_sigma'} <= keys:
+        raise ValueError(
+          f'FD_DINOv2 needs DINOv2 statistics, and {ref} has none: pass --ref as images (.npz or '
+          'folder), a dataset name, or statistics made with `evaluate.py ref --metrics=fid,fd_dinov2`.')
+      if need_inception and not {'mu', 'sigma'} <= keys:
+        raise ValueError(f'{ref} holds only DINOv2 statistics; FID/IS/KID need Inception\'s: make it '
+                         'with `evaluate.py ref --metrics=fid,fd_dinov2`, or pass images or a dataset.')
       if need_features and 'features' not in keys:
         raise ValueError(
           f'KID needs the reference features, and {ref} holds only mu/sigma: pass --ref as images '
@@ -89,43 +114,59 @@ def check_reference(ref: str, *, need_features: bool = False, split: str = 'trai
 def load_reference(ref: str, *, need_features: bool = False, split: str = 'train',
                    data_dir: Optional[str] = None, batch_size: int = 128,
                    inception_variables: Optional[Mapping[str, Any]] = None, mesh=None,
-                   progress: bool = False) -> Reference:
-  """The reference of an evaluation, computing Inception features where `ref` holds images.
+                   progress: bool = False, networks: Sequence[str] = ('inception',),
+                   dinov2_variables: Optional[Mapping[str, Any]] = None) -> Reference:
+  """The reference of an evaluation, computing Inception (DINOv2) features where `ref` holds images.
 
   Args:
     ref: see the module docstring (statistics `.npz`, images `.npz`/folder, dataset[:split]).
     need_features: keep the reference pool3 features (KID).
     split, data_dir: for a dataset name without an explicit split, and where its data lives.
-    batch_size, inception_variables, mesh, progress: as in `source_features`.
+    batch_size, inception_variables, mesh, progress, networks, dinov2_variables: as in
+      `source_features`.
   """
-  kind = check_reference(ref, need_features=need_features, split=split)
+  kind = check_reference(ref, need_features=need_features, split=split,
+                         need_dinov2='dinov2' in networks, need_inception='inception' in networks)
   if kind == 'statistics':
-    stats = fid.load_statistics(ref)
-    pool3 = None
-    if need_features:
-      with np.load(ref) as data:
-        pool3 = np.asarray(data['features'], np.float32)
-    return Reference(ref, stats, pool3)
+    with np.load(ref) as data:
+      keys = set(data.files)
+      pool3 = np.asarray(data['features'], np.float32) if need_features else None
+      dinov2 = None
+      if {'dinov2_mu', 'dinov2_sigma'} <= keys:
+        dinov2 = fid.Statistics(np.asarray(data['dinov2_mu'], np.float64),
+                                np.asarray(data['dinov2_sigma'], np.float64),
+                                int(data['n']) if 'n' in keys else None)
+    stats = fid.load_statistics(ref) if {'mu', 'sigma'} <= keys else None
+    return Reference(ref, stats, pool3, dinov2)
   if kind == 'images':
     source = file_source(ref, batch_size)
   else:
     name, named_split = _split_dataset_name(ref, split)
     source = dataset_source(name, named_split, data_dir, batch_size=batch_size)
   features = source_features(source, keep_pool3=need_features, batch_size=batch_size,
-                             inception_variables=inception_variables, mesh=mesh, progress=progress)
-  return Reference(source.description, features.stats, features.pool3)
+                             inception_variables=inception_variables, mesh=mesh, progress=progress,
+                             networks=networks, dinov2_variables=dinov2_variables)
+  return Reference(source.description, features.stats, features.pool3, features.dinov2)
 
 
-def save_reference(path: str, stats, features: Optional[np.ndarray] = None) -> str:
-  """Writes statistics as NVlabs/edm's `.npz` (`mu`, `sigma`; plus `n`, and `features` if given)."""
-  if features is None:
+def save_reference(path: str, stats, features: Optional[np.ndarray] = None, dinov2=None) -> str:
+  """Writes statistics as NVlabs/edm's `.npz` (`mu`, `sigma`; plus `n`, `features` if given, and
+  `dinov2_mu`, `dinov2_sigma` if DINOv2 statistics are given; `stats` may be None with `dinov2`)."""
+  if features is None and dinov2 is None:
     fid.save_statistics(path, stats)
     return path
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
+  arrays = {'n': np.int64((stats or dinov2).n)}
+  if stats is not None:
+    arrays.update(mu=np.asarray(stats.mu, np.float64), sigma=np.asarray(stats.sigma, np.float64))
+  if features is not None:
+    arrays['features'] = np.asarray(features, np.float32)
+  if dinov2 is not None:
+    arrays.update(dinov2_mu=np.asarray(dinov2.mu, np.float64),
+                  dinov2_sigma=np.asarray(dinov2.sigma, np.float64))
   tmp = path + '.tmp.npz'  # written whole, then renamed: never a truncated reference file
-  np.savez(tmp, mu=np.asarray(stats.mu, np.float64), sigma=np.asarray(stats.sigma, np.float64),
-           n=np.int64(stats.n), features=np.asarray(features, np.float32))
+  np.savez(tmp, **arrays)
   os.replace(tmp, path)
   return path
 
@@ -134,8 +175,9 @@ def reference_statistics(dataset: str, *, split: str = 'train', data_dir: Option
                          out: Optional[str] = None, max_images: Optional[int] = None,
                          keep_features: bool = False, batch_size: int = 128,
                          inception_variables: Optional[Mapping[str, Any]] = None, mesh=None,
-                         progress: bool = False):
-  """Inception statistics of a dataset split, written in NVlabs/edm's reference format.
+                         progress: bool = False, networks: Sequence[str] = ('inception',),
+                         dinov2_variables: Optional[Mapping[str, Any]] = None):
+  """Inception (and DINOv2) statistics of a dataset split, written in NVlabs/edm's reference format.
 
   The images are those the model trains on (the dataset's crop and resize, no flips), so the numbers
   compare with EDM's published reference files when the dataset matches theirs.
@@ -147,17 +189,19 @@ def reference_statistics(dataset: str, *, split: str = 'train', data_dir: Option
     out: where to write the `.npz` (`mu` [2048], `sigma` [2048, 2048], `n`); None writes nothing.
     max_images: use only the first N images.
     keep_features: also store the pool3 `features` [N, 2048] (float32) in the file, for KID.
-    batch_size, inception_variables, mesh, progress: as in `source_features`.
+    batch_size, inception_variables, mesh, progress, networks, dinov2_variables: as in
+      `source_features` (with 'dinov2' the file also holds `dinov2_mu`, `dinov2_sigma`).
 
   Returns:
-    The `Statistics` (with `n`).
+    The Inception `Statistics` (with `n`), or the DINOv2 ones if Inception was not run.
   """
   source = dataset_source(dataset, split, data_dir, max_images, batch_size)
   features = source_features(source, keep_pool3=keep_features, batch_size=batch_size,
-                             inception_variables=inception_variables, mesh=mesh, progress=progress)
+                             inception_variables=inception_variables, mesh=mesh, progress=progress,
+                             networks=networks, dinov2_variables=dinov2_variables)
   if out and parallel.is_main_process():
-    save_reference(out, features.stats, features.pool3)
-  return features.stats
+    save_reference(out, features.stats, features.pool3, features.dinov2)
+  return features.stats or features.dinov2
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -183,12 +227,12 @@ def compute_metrics(features: Features, reference: Reference, metrics: Sequence[
   Args:
     features: of the evaluated images (with `logits` for IS, `pool3` for KID).
     reference: with `pool3` for KID.
-    metrics: any of 'fid', 'is', 'kid'.
+    metrics: any of 'fid', 'is', 'kid', 'fd_dinov2' (the Fréchet distance of DINOv2 features).
     is_splits: IS splits (10 is the standard; N must be at least this).
     kid_subset_size, kid_subsets: KID subsets (torch-fidelity's 1000 × 100; the size is capped at N).
 
   Returns:
-    {'fid'} / {'is_mean', 'is_std'} / {'kid_mean', 'kid_std'}, plus 'num_images'.
+    {'fid'} / {'is_mean', 'is_std'} / {'kid_mean', 'kid_std'} / {'fd_dinov2'}, plus 'num_images'.
   """
   out = {'num_images': features.num_images}
   if 'fid' in metrics:
@@ -201,4 +245,6 @@ def compute_metrics(features: Features, reference: Reference, metrics: Sequence[
   if 'kid' in metrics:
     out['kid_mean'], out['kid_std'] = fid.kernel_inception_distance(
       features.pool3, reference.pool3, num_subsets=kid_subsets, subset_size=kid_subset_size)
+  if 'fd_dinov2' in metrics:
+    out['fd_dinov2'] = fid.fid_from_statistics(features.dinov2, reference.dinov2)
   return out

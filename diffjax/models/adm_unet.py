@@ -38,7 +38,17 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models.embeddings import conditioning_labels, positional_embedding
-from diffjax.models.layers import Conv2d, GroupNorm, Init, Linear, UNetBlock, conv2d, weight_init
+from diffjax.models.layers import (
+  Conv2d,
+  GroupNorm,
+  Init,
+  Linear,
+  UNetBlock,
+  check_remat,
+  conv2d,
+  remat_block,
+  weight_init,
+)
 
 Array = jax.Array
 
@@ -139,6 +149,8 @@ class ADMUNet(nn.Module):
       openai's and diffusers' U-Nets always use 32 groups, which is 1 here (the two agree from 128
       channels on, so only narrow converted networks need it).
     dtype: compute dtype; parameters and the output stay float32.
+    remat: rematerialization of the residual blocks: 'none', 'blocks' or 'full' (see
+      `layers.REMAT_POLICIES`); the parameter tree is the same in every mode.
   """
   img_resolution: int
   in_channels: int
@@ -162,6 +174,7 @@ class ADMUNet(nn.Module):
   eps: float = 1e-5
   min_channels_per_group: int = 4
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   def _check(self, x: Array) -> None:
     for field, value, allowed in (('resample', self.resample, RESAMPLES),
@@ -169,6 +182,7 @@ class ADMUNet(nn.Module):
                                   ('init_style', self.init_style, INITS)):
       if value not in allowed:
         raise ValueError(f'Unknown ADMUNet {field} {value!r}; known: {", ".join(allowed)}.')
+    check_remat(self.remat)
     levels = len(self.channel_mult)
     if levels < 1 or self.img_resolution % (2**(levels - 1)):
       raise ValueError(f'img_resolution {self.img_resolution} must be divisible by 2^{levels - 1} '
@@ -222,8 +236,10 @@ class ADMUNet(nn.Module):
     batch = x.shape[0]
     emb = self._embed(noise_labels, class_labels, augment_labels, batch, train)
 
+    block_cls = remat_block(UNetBlock, self.remat)
+
     def block(features, name, **kw):
-      return UNetBlock(features, num_heads=self.num_heads or None,
+      return block_cls(features, num_heads=self.num_heads or None,
                        channels_per_head=self.channels_per_head, dropout=self.dropout,
                        skip_scale=1.0, eps=self.eps, resample_filter=(1, 1), resample_proj=False,
                        min_channels_per_group=self.min_channels_per_group,

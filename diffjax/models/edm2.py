@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.models.embeddings import conditioning_labels
+from diffjax.models.layers import check_remat, remat_block
 
 Array = jax.Array
 
@@ -111,14 +112,20 @@ class MPFourier(nn.Module):
     num_channels: output width.
     bandwidth: standard deviation of f/2π.
     seed: NumPy seed of f and φ; part of the architecture, keep it fixed.
+    table: f then φ (2·num_channels floats) read from an imported checkpoint, whose buffers
+      torch drew (diffjax.convert); None = the seed's.
   """
   num_channels: int
   bandwidth: float = 1.0
   seed: int = 0
+  table: Optional[Sequence[float]] = None
 
   def __call__(self, x: Array) -> Array:
     """Maps [B] to [B, num_channels] float32 (computed in float32: c_noise needs the phase)."""
-    freqs, phases = fourier_buffers(self.num_channels, self.bandwidth, self.seed)
+    if self.table is None:
+      freqs, phases = fourier_buffers(self.num_channels, self.bandwidth, self.seed)
+    else:
+      freqs, phases = np.split(np.asarray(self.table, np.float32), 2)
     y = jnp.asarray(x, jnp.float32)[:, None] * freqs[None, :] + phases[None, :]
     return jnp.cos(y) * math.sqrt(2.0)
 
@@ -292,6 +299,8 @@ class EDM2UNet(nn.Module):
     label_dropout: probability of replacing the class label by the null (all-zero) label in
       training (classifier-free guidance; EDM2 itself guides with a smaller model instead).
     dtype: compute dtype; parameters stay float32 and the output is float32.
+    remat: rematerialization of the blocks: 'none', 'blocks' or 'full' (see
+      `layers.REMAT_POLICIES`); the parameter tree is the same in every mode.
   """
   img_resolution: int
   in_channels: int
@@ -313,7 +322,12 @@ class EDM2UNet(nn.Module):
   clip_act: Optional[float] = 256.0
   logvar_channels: int = 128
   label_dropout: float = 0.0
+  # MPFourier.table of the noise embedding and of the uncertainty head: an imported EDM2
+  # snapshot's buffers (diffjax.convert); None = diffjax's own draws.
+  noise_fourier_table: Optional[Sequence[float]] = None
+  logvar_fourier_table: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   # Forced weight normalization of a params tree; build.build_optimizer looks for this name.
   project_params = staticmethod(project_params)
@@ -341,7 +355,8 @@ class EDM2UNet(nn.Module):
               else self.model_channels * self.channel_mult_noise)
     cemb = (max(cblock) if self.channel_mult_emb is None
             else self.model_channels * self.channel_mult_emb)
-    emb = MPFourier(cnoise, name='emb_fourier')(noise_labels).astype(self.dtype)
+    emb = MPFourier(cnoise, table=self.noise_fourier_table, name='emb_fourier')(noise_labels)
+    emb = emb.astype(self.dtype)
     emb = MPConv(cemb, 0, dtype=self.dtype, name='emb_noise')(emb)
     if self.label_dim:
       labels = conditioning_labels(class_labels, self.label_dim, batch,
@@ -371,13 +386,15 @@ class EDM2UNet(nn.Module):
       log-variance of the EDM2 loss, Eq. 21); [B, H, W, out_channels] when logvar_channels == 0.
     """
     self._check(x)
+    check_remat(self.remat)
     if augment_labels is not None:
       raise ValueError('The EDM2 U-Net takes no augmentation labels; train it with augment.p=0.')
     dt = self.dtype
     batch = x.shape[0]
     noise_labels = jnp.broadcast_to(jnp.asarray(noise_labels, jnp.float32).reshape(-1), (batch,))
     emb = self._embed(noise_labels, class_labels, batch, train)
-    block = lambda cout, name, **kw: Block(
+    block_cls = remat_block(Block, self.remat)
+    block = lambda cout, name, **kw: block_cls(
         cout, channels_per_head=self.channels_per_head, dropout=self.dropout,
         res_balance=self.res_balance, attn_balance=self.attn_balance, clip_act=self.clip_act,
         dtype=dt, name=name, **kw)
@@ -421,7 +438,8 @@ class EDM2UNet(nn.Module):
     if not self.logvar_channels:
       return out
     logvar = MPConv(1, 0, name='logvar_linear')(
-        MPFourier(self.logvar_channels, seed=1, name='logvar_fourier')(noise_labels))
+        MPFourier(self.logvar_channels, seed=1, table=self.logvar_fourier_table,
+                  name='logvar_fourier')(noise_labels))
     return jnp.concatenate([out, jnp.broadcast_to(logvar[:, None, None, :], out.shape[:3] + (1,))],
                            axis=-1)
 

@@ -6,6 +6,8 @@ resampling arithmetic follow EDM's reimplementation so that parameter counts and
 the published networks.
 
 Parameters are always float32; every layer has a `dtype` field for the compute dtype (bf16 on TPU).
+`remat_block` wraps a block class in `flax.linen.remat` (rematerialization, "gradient checkpointing")
+without changing its parameter names.
 """
 
 from __future__ import annotations
@@ -364,6 +366,41 @@ def attention(q: Array, k: Array, v: Array) -> Array:
   logits = jnp.einsum('bqhc,bkhc->bhqk', q.astype(jnp.float32), k.astype(jnp.float32) * scale)
   w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum('bhqk,bkhc->bqhc', w, v)
+
+
+# Rematerialization modes of the U-Nets' blocks (config.model.remat), as jax.checkpoint policies:
+# which values computed inside a block the backward pass may keep instead of recomputing.
+#   'blocks': convolution and matmul outputs are kept; the elementwise work between them (GroupNorm,
+#             SiLU, dropout, residual sums) is recomputed. Cheap to recompute, and those are most of
+#             a block's activations (every conv's input is a norm→SiLU chain of its own).
+#   'full':   nothing inside a block is kept but its inputs; the whole block's forward is recomputed
+#             in the backward pass (about one extra forward in all).
+REMAT_POLICIES = {
+  'none': None,
+  'blocks': jax.checkpoint_policies.dots_saveable,
+  'full': jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def check_remat(remat: str) -> None:
+  """Fails with one sentence on an unknown rematerialization mode."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'Unknown remat mode {remat!r}; known: {", ".join(REMAT_POLICIES)} '
+                     '(--config.model.remat).')
+
+
+def remat_block(cls: type, remat: str) -> type:
+  """`cls` (a block whose __call__ is (x, emb, train)), rematerialized as `remat` says.
+
+  `nn.remat` of the class keeps the submodule names, so the parameter tree is the same with and
+  without rematerialization (the instance is still named by its `name=`); `train` is static (it
+  switches dropout on, a Python branch).
+  """
+  check_remat(remat)
+  if remat == 'none':
+    return cls
+  # static_argnums counts `self` as argument 0: (self, x, emb, train).
+  return nn.remat(cls, policy=REMAT_POLICIES[remat], static_argnums=(3,))
 
 
 class UNetBlock(nn.Module):

@@ -20,7 +20,15 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models.embeddings import FourierEmbedding, PositionalEmbedding, conditioning_labels
-from diffjax.models.layers import Conv2d, GroupNorm, Init, Linear, UNetBlock
+from diffjax.models.layers import (
+  Conv2d,
+  GroupNorm,
+  Init,
+  Linear,
+  UNetBlock,
+  check_remat,
+  remat_block,
+)
 
 Array = jax.Array
 
@@ -68,6 +76,9 @@ class SongUNet(nn.Module):
       sinusoidal embedding of w, through a zero-initialized map, is added to the noise embedding,
       so a student made from a teacher's weights starts as that teacher.
     dtype: compute dtype; parameters stay float32 and the output is float32.
+    remat: rematerialization of the blocks in the backward pass: 'none', 'blocks' (recompute the
+      elementwise work) or 'full' (recompute each block); see `layers.REMAT_POLICIES`. The
+      parameter tree is the same in every mode.
   """
 
   img_resolution: int
@@ -90,6 +101,7 @@ class SongUNet(nn.Module):
   fourier_freqs: Optional[Sequence[float]] = None
   guidance_embedding: bool = False
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   def _check(self, x: Array) -> None:
     """Fails with one sentence on a bad configuration or input shape."""
@@ -100,6 +112,7 @@ class SongUNet(nn.Module):
     ):
       if value not in allowed:
         raise ValueError(f'Unknown SongUNet {field} {value!r}; known: {", ".join(allowed)}.')
+    check_remat(self.remat)
     levels = len(self.channel_mult)
     if levels < 1 or self.img_resolution % (2 ** (levels - 1)):
       raise ValueError(
@@ -201,7 +214,8 @@ class SongUNet(nn.Module):
     dt = self.dtype
     batch = x.shape[0]
     emb = self._embed(noise_labels, class_labels, augment_labels, batch, train, guidance)
-    block = lambda feats, name, **kw: UNetBlock(
+    block_cls = remat_block(UNetBlock, self.remat)
+    block = lambda feats, name, **kw: block_cls(
       feats,
       num_heads=1,
       dropout=self.dropout,

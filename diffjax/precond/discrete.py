@@ -30,6 +30,7 @@ class DiscretePreconditioning(precond_lib.Preconditioning):
   """
   schedule: Optional[DiscreteSchedule] = None
   rescale_timesteps: bool = False
+  predict_xstart: bool = False
 
 
 def _nearest_index(sigma, grid: jax.Array) -> jax.Array:
@@ -37,24 +38,29 @@ def _nearest_index(sigma, grid: jax.Array) -> jax.Array:
   return jnp.argmin(jnp.abs(sigma[..., None] - grid), axis=-1)
 
 
-def discrete_coefficients(sigma, schedule: DiscreteSchedule,
-                          rescale_timesteps: bool = False) -> precond_lib.Coefficients:
+def discrete_coefficients(sigma, schedule: DiscreteSchedule, rescale_timesteps: bool = False,
+                          predict_xstart: bool = False) -> precond_lib.Coefficients:
   """c_skip = 1, c_out = −σ, c_in = 1/sqrt(σ² + 1), c_noise = the index of σ on the grid.
 
   c_in·x = sqrt(ᾱ)(x_0 + σε) is exactly DDPM's x_t, so the network sees what it would in
   improved-diffusion; σ off the grid is conditioned on the nearest level (as EDM's iDDPM wrapper).
+  With predict_xstart (openai's flag) the network outputs x_0 itself: c_skip = 0, c_out = 1.
   """
   sigma = jnp.asarray(sigma, jnp.float32)
   grid = jnp.asarray(schedule.sigmas, jnp.float32)
   labels = jnp.asarray(schedule.noise_labels(rescale_timesteps), jnp.float32)
   index = _nearest_index(sigma, grid)
+  if predict_xstart:
+    c_skip, c_out = jnp.zeros_like(sigma), jnp.ones_like(sigma)
+  else:
+    c_skip, c_out = jnp.ones_like(sigma), -sigma
   return precond_lib.Coefficients(
-      c_skip=jnp.ones_like(sigma), c_out=-sigma, c_in=jax.lax.rsqrt(sigma**2 + 1.0),
-      c_noise=labels[index])
+      c_skip=c_skip, c_out=c_out, c_in=jax.lax.rsqrt(sigma**2 + 1.0), c_noise=labels[index])
 
 
 def make_ddpm(beta_schedule: str = 'cosine', num_timesteps: int = 1000,
-              rescale_timesteps: bool = False) -> DiscretePreconditioning:
+              rescale_timesteps: bool = False,
+              predict_xstart: bool = False) -> DiscretePreconditioning:
   """The preconditioning of a discrete ε-prediction model trained on `beta_schedule` with T steps.
 
   Supports σ ∈ [σ_0, σ_{T−1}] and snaps σ to that grid, so EDM's samplers can use the model
@@ -64,6 +70,7 @@ def make_ddpm(beta_schedule: str = 'cosine', num_timesteps: int = 1000,
     beta_schedule: 'linear' (Ho et al.) or 'cosine' (Nichol & Dhariwal).
     num_timesteps: T.
     rescale_timesteps: feed t·1000/T (improved-diffusion's default) instead of t.
+    predict_xstart: the network predicts x_0 (D = its output), not ε.
   """
   schedule = make_schedule(beta_schedule, num_timesteps)
   grid32 = np.asarray(schedule.sigmas, np.float32)
@@ -76,9 +83,11 @@ def make_ddpm(beta_schedule: str = 'cosine', num_timesteps: int = 1000,
 
   return DiscretePreconditioning(
       name='ddpm',
-      coefficients=lambda s: discrete_coefficients(s, schedule, rescale_timesteps),
+      coefficients=lambda s: discrete_coefficients(s, schedule, rescale_timesteps,
+                                                   predict_xstart),
       sigma_min=float(schedule.sigmas[0]), sigma_max=float(schedule.sigmas[-1]),
-      round_sigma=round_sigma, schedule=schedule, rescale_timesteps=rescale_timesteps)
+      round_sigma=round_sigma, schedule=schedule, rescale_timesteps=rescale_timesteps,
+      predict_xstart=predict_xstart)
 
 
 registry.add('precond', 'ddpm', make_ddpm)

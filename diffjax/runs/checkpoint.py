@@ -34,6 +34,7 @@ FSDP-sharded state would need device-side saving and fingerprints.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -63,6 +64,10 @@ class NoCheckpointError(FileNotFoundError):
 
 class CheckpointSaveError(OSError):
   """A checkpoint could not be written (full or read-only disk, lost permissions, ...)."""
+
+
+class StepExistsError(CheckpointSaveError):
+  """The step being saved is already on disk: another run is writing the same directory."""
 
 
 class IntegrityError(ValueError):
@@ -174,6 +179,17 @@ def _barrier(name: str) -> None:
     _client().wait_at_barrier(f'{name}_{next(_sync_ids)}', _SYNC_TIMEOUT_MS)
 
 
+def _errno(e: BaseException) -> Optional[int]:
+  """The errno of the first OSError in an exception's cause/context chain (Orbax wraps them)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno:
+      return e.errno
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def _first_line(e: BaseException) -> str:
   text = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(':')
   return text if len(text) <= 200 else text[:197] + '...'
@@ -204,6 +220,8 @@ class Checkpointer:
     self._pending: list[tuple[int, Any]] = []  # (step, abstract host tree) not yet verified
     self._cleaned = False
     self._failed = False
+    self._seen_dir = False   # the directory existed at a save: gone later means it vanished
+    self._abstract = None    # structure of the last tree saved (to verify a step in an error)
     self._is_main = jax.process_index() == 0
 
   # -- Orbax ------------------------------------------------------------------------------------
@@ -254,12 +272,16 @@ class Checkpointer:
         shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def save(self, step: int, tree: Any, force: bool = False) -> bool:
-    """Starts saving `tree` as `step`; returns False if that step exists already.
+    """Starts saving `tree` as `step` (returns True once the save is under way).
 
-    First waits for the previous save to commit, verifies it and collects old steps.
+    First waits for the previous save to commit, verifies it and collects old steps, then checks
+    synchronously that the directory is still there and writable: a save Orbax starts into a
+    directory that cannot be written leaves background threads waiting minutes for each other.
 
     Raises:
-      CheckpointSaveError: this step (or the previous one) could not be written.
+      StepExistsError: the step is on disk already (another run writes this directory).
+      CheckpointSaveError: this step (or the previous one) could not be written; the message says
+        why (directory gone, permissions, disk full) and names the newest good step.
     """
     del force  # Every call saves (the loop decides when); kept for callers of the old API.
     if self._failed:
@@ -269,13 +291,22 @@ class Checkpointer:
     host = jax.device_get(tree)
     record = {'format': INTEGRITY_FORMAT, 'step': int(step), 'fingerprints': fingerprints(host)}
     try:
+      if self._is_main and self._seen_dir and not os.path.isdir(self.directory):
+        raise FileNotFoundError(errno.ENOENT, 'No such directory', self.directory)
       manager = self._get_manager(create=True)
+      self._seen_dir = True
       if not self._cleaned:
         self._remove_leftovers()
         self._cleaned = True
       self._settle()
       if step in self.steps():
-        return False
+        self._failed = True
+        raise StepExistsError(
+            f'Checkpoint step {step} already exists in {self.directory}: another run is writing '
+            f'this directory ({self._last_good()}); stop the other run, or pass another '
+            '--workdir.')
+      if self._is_main:
+        self._probe()
       saved = manager.save(step, force=True, args=ocp.args.Composite(**{
           STATE_ITEM: ocp.args.StandardSave(host), INTEGRITY_ITEM: ocp.args.JsonSave(record)}))
     except CheckpointSaveError:
@@ -284,17 +315,67 @@ class Checkpointer:
       raise self._save_error(step, e) from e
     if saved:
       self._pending.append((step, jax.tree.map(_host_abstract, host)))
+      self._abstract = self._pending[-1][1]
     return bool(saved)
+
+  def _probe(self) -> None:
+    """Writes and removes a small file: raises the OSError a save into the directory would meet."""
+    path = os.path.join(self.directory, f'.write-probe-{os.getpid()}')
+    with open(path, 'wb') as f:
+      f.write(b'\0' * 4096)
+      f.flush()
+      os.fsync(f.fileno())
+    os.remove(path)
+
+  def _last_good(self) -> str:
+    """What a rerun does: 'it resumes from step N, …' (verified, read back now if need be) or not."""
+    try:
+      on_disk = self.steps() if os.path.isdir(self.directory) else []
+    except Exception:  # noqa: BLE001 - the directory is unreadable.
+      on_disk = []
+    good = sorted(self._verified.intersection(on_disk))
+    newer = [s for s in on_disk if not good or s > good[-1]]
+    if newer and self._abstract is not None and jax.process_count() == 1:
+      try:  # A committed step not yet read back: check it now, so the message can be trusted.
+        self._read_verified(newer[-1], self._abstract)
+        good.append(newer[-1])
+      except Exception:  # noqa: BLE001 - not usable: the older verified one is named.
+        pass
+    if good:
+      return f'it resumes from step {good[-1]}, the newest verified checkpoint'
+    if not on_disk:
+      return 'no checkpoint of this run is left there, so it starts over'
+    return 'no checkpoint of this run was verified yet; it resumes from the newest usable one'
 
   def _save_error(self, step: int, e: BaseException) -> CheckpointSaveError:
     self._failed = True
     self._pending = []
-    good = sorted(self._verified)
-    where = (f'the newest verified checkpoint is step {good[-1]}' if good else
-             'no checkpoint of this run was verified yet')
+    code = _errno(e)
+    if code == errno.ENOSPC or code == errno.EDQUOT:
+      what, fix = 'the disk is full', 'free disk space'
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+      what, fix = ('the directory is not writable (permissions, a read-only or immutable file '
+                   'system)'), 'make it writable'
+    elif code in (errno.ENOENT, errno.ENOTDIR) or not os.path.isdir(self.directory):
+      what, fix = ('the directory has vanished (deleted, moved or unmounted)',
+                   'restore it or pass another --workdir')
+    else:
+      what, fix = _first_line(e), 'fix the cause'
     return CheckpointSaveError(
-        f'Could not write checkpoint step {step} to {self.directory} ({_first_line(e)}); {where}. '
-        'Free disk space or fix the permissions, then rerun the same command to resume.')
+        f'Could not write checkpoint step {step} to {self.directory}: {what} '
+        f'({_first_line(e)}). {fix[0].upper()}{fix[1:]}, then rerun the same command: '
+        f'{self._last_good()}.')
+
+  def poll(self) -> None:
+    """Raises at once if the save in flight has failed (cheap; the loop calls it every step).
+
+    Raises:
+      CheckpointSaveError: the save in flight failed.
+    """
+    if self._failed or self._manager is None or not self._pending:
+      return
+    if not self._manager.is_saving_in_progress():
+      self._settle()
 
   def wait(self) -> None:
     """Blocks until pending saves are committed, verifies the newest and collects old steps.

@@ -45,6 +45,39 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+# The sections `load` and sample.py read (configs/common.base_config has them all).
+RUN_SECTIONS = ('data', 'model', 'precond', 'loss', 'augment', 'optim', 'train', 'sample')
+
+
+def check_run_config(config, workdir: str) -> None:
+  """Raises one sentence unless `config` (WORKDIR/config.json) is a trained run's.
+
+  A distillation root (distill.py's WORKDIR) holds the pipeline's config, not a model: its runs
+  are its stage folders (`training.distill.plan`), and the sentence lists those there.
+  """
+  if 'distill' in config and 'stage' not in config.distill:
+    stages = sorted((d for d in os.listdir(workdir)
+                     if os.path.isfile(os.path.join(workdir, d, CONFIG_FILE))), key=_stage_order)
+    listed = (f'pass one of its stage folders, e.g. --workdir={os.path.join(workdir, stages[-1])} '
+              f'(stages: {", ".join(stages)})' if stages else
+              'no stage has been trained yet; run distill.py first, then pass a stage folder '
+              '(WORKDIR/round_<k>_<N>steps)')
+    raise ValueError(f'{workdir} is a distillation root (distill.py\'s WORKDIR), not a trained '
+                     f'run; {listed}.')
+  missing = [name for name in RUN_SECTIONS if not hasattr(config.get(name), 'keys')]
+  if missing:
+    raise ValueError(f'{os.path.join(workdir, CONFIG_FILE)} has no {", ".join(missing)} '
+                     f'section{"s" if len(missing) > 1 else ""}, which every run\'s config has; '
+                     'restore it from the config the run was trained with (configs/FILE.py).')
+
+
+def _stage_order(name: str) -> tuple:
+  """Stage folders in training order: teacher, stage1, round_1…, encoder_round_1…."""
+  head = {'teacher': 0, 'stage1': 1}.get(name, 3 if name.startswith('encoder_') else 2)
+  digits = ''.join(c if c.isdigit() else ' ' for c in name).split()
+  return head, int(digits[0]) if digits else 0, name
+
+
 @dataclasses.dataclass
 class Run:
   """A trained run, ready to sample from Python.
@@ -93,6 +126,7 @@ def load(workdir: str, step: Optional[int] = None) -> Run:
     step: a checkpoint step; the newest one that restores by default.
   """
   config = read_config(workdir)
+  check_run_config(config, workdir)
   spec = build.dataset_spec(config)
   denoiser = build.build_denoiser(config, spec)
   tx = build.build_optimizer(config)

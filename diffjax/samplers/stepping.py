@@ -299,13 +299,27 @@ def sigma_grid_for(precond: Optional[Preconditioning], num_steps: int, grid: Opt
   return np.append(levels, 0.0)
 
 
+def distinct_levels(sigmas: np.ndarray) -> np.ndarray:
+  """The grid without repeated levels (each run of equal σ kept once).
+
+  A discrete model's round_sigma snaps a fine grid's low levels onto the same entry of its σ
+  table (the DDPM CIFAR-10 run's default grid repeats levels from 128 steps, iDDPM's
+  polyexponential from 18): a zero-length step h = 0, which a multistep solver's ratios
+  h_{i−1}/h_i and Lagrange nodes turn into NaN, and a wasted evaluation for any solver.
+  """
+  sigmas = np.asarray(sigmas, np.float64)
+  keep = np.concatenate([[True], sigmas[1:] != sigmas[:-1]])
+  return sigmas[keep]
+
+
 def registry_form(solve: Callable, name: str, **defaults) -> Callable:
   """The registry form of a σ-grid solver `solve(denoise_fn, x, sigmas, key=, **options)`.
 
   The returned sampler(denoise_fn, latents, keys, *, precond, num_steps, grid=None,
   sigma_min=0.002, sigma_max=80, rho=None, **options) builds the grid with `sigma_grid_for`,
   starts at latents·σ_0 and passes the options, over `defaults` (a variant's fixed choices, e.g.
-  solver_type='heun'), on to `solve`.
+  solver_type='heun'), on to `solve`. Levels the network's round_sigma made equal are walked once
+  (`distinct_levels`): on a discrete model a fine grid can take fewer steps than asked.
   """
 
   def sampler(denoise_fn, latents: jax.Array, keys=None, *, precond: Optional[Preconditioning],
@@ -313,7 +327,7 @@ def registry_form(solve: Callable, name: str, **defaults) -> Callable:
               sigma_min: float = schedules.EDM_SIGMA_MIN,
               sigma_max: float = schedules.EDM_SIGMA_MAX, rho: Optional[float] = None,
               **options) -> jax.Array:
-    sigmas = sigma_grid_for(precond, num_steps, grid, sigma_min, sigma_max, rho)
+    sigmas = distinct_levels(sigma_grid_for(precond, num_steps, grid, sigma_min, sigma_max, rho))
     x = latents * jnp.asarray(sigmas[0], latents.dtype)
     return solve(denoise_fn, x, sigmas, key=keys, **{**defaults, **options})
 

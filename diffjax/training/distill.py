@@ -217,7 +217,7 @@ def _stage_objective(config, stage: Stage, c, spec, student: precond_lib.Denoise
 
 
 def run(config, workdir: str, *, max_steps: Optional[int] = None,
-        progress: bool = True) -> list[dict]:
+        progress: bool = True, allow_config_change: bool = False) -> list[dict]:
   """Runs (or resumes) the whole distillation of `config` in `workdir`.
 
   Args:
@@ -226,6 +226,8 @@ def run(config, workdir: str, *, max_steps: Optional[int] = None,
     max_steps: stop once this many training steps, counted over all stages in order, are done
       (the run can go on: rerun the same command).
     progress: show progress bars.
+    allow_config_change: resume stages whose config changed in what their checkpoints depend on
+      (`loop.train`'s; refused otherwise).
 
   Returns:
     One dict per stage: name, workdir, num_steps, step, total_steps, done.
@@ -235,10 +237,12 @@ def run(config, workdir: str, *, max_steps: Optional[int] = None,
       its own directory).
   """
   with runs.lock.hold(workdir):  # before anything is written: a second run refuses here
-    return _run_stages(config, workdir, max_steps=max_steps, progress=progress)
+    return _run_stages(config, workdir, max_steps=max_steps, progress=progress,
+                       allow_config_change=allow_config_change)
 
 
-def _run_stages(config, workdir: str, *, max_steps: Optional[int], progress: bool) -> list[dict]:
+def _run_stages(config, workdir: str, *, max_steps: Optional[int], progress: bool,
+                allow_config_change: bool = False) -> list[dict]:
   """The body of `run`, under the workdir lock."""
   os.makedirs(workdir, exist_ok=True)
   stages = plan(config, workdir)
@@ -261,14 +265,15 @@ def _run_stages(config, workdir: str, *, max_steps: Optional[int], progress: boo
       print(f'[distill] {stage.name}: {total} training steps'
             + (f', teacher {stage.teacher_workdir}' if stage.teacher_workdir else ''), flush=True)
     if stage.kind == 'teacher':
-      loop.train(c, stage.workdir, max_steps=budget, progress=progress)
+      loop.train(c, stage.workdir, max_steps=budget, progress=progress,
+                 allow_config_change=allow_config_change)
     else:
       spec = build.dataset_spec(c)
       student = build.build_denoiser(c, spec)
       teacher_run = runs.load(stage.teacher_workdir)
       objective, init = _stage_objective(config, stage, c, spec, student, teacher_run)
       loop.train(c, stage.workdir, max_steps=budget, progress=progress, objective=objective,
-                 init_params=init, denoiser=student)
+                 init_params=init, denoiser=student, allow_config_change=allow_config_change)
     entry['step'] = _finished_step(stage.workdir)
     entry['done'] = entry['step'] >= total
     if not entry['done']:  # stopped by max_steps or a signal: the next command resumes here

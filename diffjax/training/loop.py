@@ -53,6 +53,61 @@ class TrainingInterrupted(Exception):
     self.step = step
 
 
+MAX_CONSECUTIVE_SKIPS = 10  # skip_nonfinite: this many non-finite steps in a row stop the run
+
+# What a checkpoint depends on: a resume whose config differs here is refused (listing the keys)
+# unless allow_config_change. Everything else (total_images, logging, sampling, checkpoint
+# cadence, optim.lr, data.data_dir) may change on resume. train.batch_size is here because the
+# step counter carries the run's position: n_img = step·batch drives kimg, the lr ramp and decay,
+# the EMA ramp and the data position, so another batch size would make them all wrong.
+RESUME_FIXED = ('model', 'precond', 'loss', 'data', 'augment', 'distill', 'seed',
+                'train.batch_size', 'train.ema_halflife_images', 'train.ema_rampup_ratio',
+                'train.phema_stds', 'optim.grad_clip', 'optim.weight_decay')
+RESUME_FREE = ('data.data_dir', 'data.skip_bad_images', 'distill.teacher_workdir')
+
+
+def _flat(tree, prefix=''):
+  out = {}
+  for k, v in (tree.items() if isinstance(tree, dict) else ()):
+    name = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(_flat(v, name + '.'))
+    else:
+      out[name] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_changes(saved, config) -> list:
+  """The keys under RESUME_FIXED whose values differ between a run's config.json and `config`.
+
+  Returns:
+    ['model.preset', ...], sorted; numbers compare by value (2560 == 2560.0).
+  """
+  a = _flat(json.loads(saved.to_json_best_effort()))
+  b = _flat(json.loads(config.to_json_best_effort()))
+  fixed = lambda k: (any(k == f or k.startswith(f + '.') for f in RESUME_FIXED)
+                     and not any(k == f or k.startswith(f + '.') for f in RESUME_FREE))
+  return sorted(k for k in set(a) | set(b) if fixed(k) and a.get(k) != b.get(k))
+
+
+def _check_resume_config(config, workdir: str, allow: bool) -> None:
+  try:
+    saved = runs.read_config(workdir)
+  except (FileNotFoundError, ValueError):  # No config.json: nothing to compare with.
+    return
+  changed = config_changes(saved, config)
+  if not changed:
+    return
+  shown = ', '.join(changed[:8]) + (f' and {len(changed) - 8} more' if len(changed) > 8 else '')
+  if not allow:
+    raise ValueError(
+        f'The config differs from the one the checkpoints in {workdir} were trained with, in '
+        f'{shown}; rerun with that config to resume, pass another --workdir for a new run, or '
+        'pass --allow_config_change to resume with the new one anyway.')
+  log.warning('Resuming %s with a changed config (%s), as --allow_config_change asks.', workdir,
+              shown)
+
+
 def total_steps(config) -> int:
   """Training length in steps from config.train.total_images (EDM counts images, not steps)."""
   return int(math.ceil(config.train.total_images / config.train.batch_size))
@@ -169,7 +224,7 @@ def _make_preview(config, denoiser, spec, mesh):
 
 def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bool = True,
           objective=None, init_params: Optional[Callable[[], Any]] = None,
-          denoiser=None) -> Any:
+          denoiser=None, allow_config_change: bool = False) -> Any:
   """Trains (or resumes) the run in `workdir` and returns the final TrainState.
 
   Args:
@@ -182,9 +237,13 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
     init_params: () -> initial params, instead of a fresh init (e.g. a student that starts from
       its teacher). Ignored when the workdir already has a checkpoint (the run resumes).
     denoiser: the preconditioned network, instead of the one config.model/precond build.
+    allow_config_change: resume even if the config differs from the run's config.json in what
+      its checkpoints depend on (`RESUME_FIXED`); otherwise such a resume is refused.
 
   Raises:
-    TrainingDiverged: on a non-finite loss or gradient (unless config.train.skip_nonfinite).
+    TrainingDiverged: on a non-finite loss or gradient; with config.train.skip_nonfinite, after
+      MAX_CONSECUTIVE_SKIPS skipped steps in a row, or at the end (checkpoint saved) when more
+      than half of this run's steps were skipped.
     TrainingInterrupted: after SIGTERM/SIGINT, once the checkpoint to resume from is saved.
     checkpoint.NoCheckpointError: the workdir has checkpoints but none restores and verifies
       (the run does not start from scratch over them).
@@ -193,7 +252,8 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
   """
   with _StopFlag() as stop:  # From the start: a SIGTERM during start-up also exits cleanly.
     return _train(config, workdir, stop, max_steps=max_steps, progress=progress,
-                  objective=objective, init_params=init_params, denoiser=denoiser)
+                  objective=objective, init_params=init_params, denoiser=denoiser,
+                  allow_config_change=allow_config_change)
 
 
 def _unwritable(workdir: str, e: OSError) -> OSError:
@@ -206,7 +266,8 @@ def _lower_lr(lr: float) -> str:
   return f'{lr / 2:g}' if math.isfinite(lr) and lr > 0 else '1e-4'
 
 
-def _train(config, workdir, stop, *, max_steps, progress, objective, init_params, denoiser):
+def _train(config, workdir, stop, *, max_steps, progress, objective, init_params, denoiser,
+           allow_config_change):
   is_main = jax.process_index() == 0
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f'--workdir {workdir} is a file, not a directory; pass a directory (new or '
@@ -217,11 +278,25 @@ def _train(config, workdir, stop, *, max_steps, progress, objective, init_params
     raise ValueError(f'The batch size must be positive, got {batch_size}; set '
                      '--config.train.batch_size to a positive multiple of the device count.')
   parallel.check_batch_size(batch_size, mesh)
+  if not float(config.train.total_images) > 0:
+    raise ValueError(f'config.train.total_images must be positive, got '
+                     f'{config.train.total_images}; set --config.train.total_images to the number '
+                     'of training images to show.')
+  if max_steps is not None and max_steps < 0:
+    raise ValueError(f'--max_steps must be 0 or more, got {max_steps}; leave it out to train the '
+                     'whole run.')
+  for name in ('checkpoint_every', 'log_every', 'keep_checkpoints'):
+    if int(config.train[name]) <= 0:
+      raise ValueError(f'config.train.{name} must be positive, got {config.train[name]}; set '
+                       f'--config.train.{name} to 1 or more.')
 
   spec = build.dataset_spec(config)
   denoiser = denoiser or build.build_denoiser(config, spec)
   objective = objectives_base.as_objective(objective or build.build_objective(config, spec, denoiser))
   tx = build.build_optimizer(config)
+  # config.sample draws the previews and is what sample.py uses: a sampler that does not fit the
+  # model (or an option it does not take) fails now, not after the whole run.
+  build.sampler_fn(config, denoiser.precond)
 
   key_init, key_train = jax.random.split(jax.random.key(int(config.seed)))
 
@@ -245,7 +320,8 @@ def _train(config, workdir, stop, *, max_steps, progress, objective, init_params
       state = _run(config, workdir, stop, checkpointer, resources, is_main=is_main, mesh=mesh,
                    spec=spec, denoiser=denoiser, objective=objective, tx=tx,
                    make_state=make_state, key_train=key_train, max_steps=max_steps,
-                   progress=progress, init_params=init_params)
+                   progress=progress, init_params=init_params,
+                   allow_config_change=allow_config_change)
     except BaseException:
       _close(checkpointer, resources, quiet=True)  # Don't mask the error already propagating.
       raise
@@ -267,12 +343,14 @@ def _close(checkpointer, resources: dict, quiet: bool) -> None:
 
 
 def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec, denoiser,
-         objective, tx, make_state, key_train, max_steps, progress, init_params):
+         objective, tx, make_state, key_train, max_steps, progress, init_params,
+         allow_config_change=False):
   """The body of `train`: restore, then step, log, save and preview until done or stopped."""
   batch_size = int(config.train.batch_size)
   rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   from diffjax import data  # Lazy: tensorflow_datasets loads only when data is read.
   if checkpointer.steps():
+    _check_resume_config(config, workdir, allow_config_change)
     abstract = ckpt_lib.abstract_like(jax.eval_shape(make_state), rep)
     # Unusable newer steps are moved aside (to checkpoints/damaged/) so they can be redone.
     state, start = checkpointer.restore(abstract, move_aside=True)
@@ -288,7 +366,8 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
   # fail in a second, not after minutes of compilation.
   iterator = resources['iterator'] = data.make_iterator(
       config.data.name, split='train', global_batch_size=batch_size, seed=int(config.seed),
-      start_step=start, data_dir=config.data.data_dir or None, x_flip=bool(config.data.x_flip))
+      start_step=start, data_dir=config.data.data_dir or None, x_flip=bool(config.data.x_flip),
+      skip_bad_images=bool(config.data.get('skip_bad_images', False)))
   if state is None and init_params is not None:
     # Given params (e.g. a teacher's) are placed as they are, not baked into a jitted init.
     params = init_params()
@@ -320,15 +399,19 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
   except OSError as e:
     raise _unwritable(workdir, e) from e
   config_saved = False
+  saved_step = start  # the restored step is on disk: never saved again (that is an error now)
 
   def save(step: int) -> None:
-    nonlocal config_saved
+    nonlocal config_saved, saved_step
+    if step == saved_step:
+      return
     if is_main and not config_saved:
       try:
         runs.save_config(config, workdir)
       except OSError as e:
         raise _unwritable(workdir, e) from e
     config_saved = True
+    saved_step = step
     checkpointer.save(step, state)
   bar = None
   if progress and is_main:
@@ -346,6 +429,7 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
 
   step = start
   last_good = start
+  n_skipped, first_skip = 0, None
   window = {'loss': [], 'grad_norm': []}
   t_window, n_window = time.time(), 0
   while step < last and stop.signal is None:
@@ -368,6 +452,15 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
             f'The loss or a gradient became non-finite between step {last_good} and step '
             f'{step}; {where}, or set --config.train.skip_nonfinite=True to skip such steps.')
       log.warning('Skipped a non-finite update at step %d.', step)
+      n_skipped += 1
+      first_skip = step if first_skip is None else first_skip
+      if step - last_good >= MAX_CONSECUTIVE_SKIPS:
+        checkpointer.wait()
+        good = checkpointer.latest_step()
+        raise TrainingDiverged(
+            f'Steps {last_good + 1} to {step} were all non-finite and skipped (skip_nonfinite); '
+            f'the last good checkpoint is step {good}. Rerun the same command with a lower '
+            f'learning rate (e.g. --config.optim.lr={_lower_lr(o.lr)}).')
     else:
       last_good = step
       window['loss'].append(float(m['loss']))
@@ -388,6 +481,8 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
       t_window, n_window = time.time(), 0
     if step % config.train.checkpoint_every == 0 or step == last:
       save(step)
+    else:
+      checkpointer.poll()  # a failed async save stops the run at once, not at the next save
     if (config.train.sample_every and step % config.train.sample_every == 0 and step != last
         and stop.signal is None):
       write_preview(step)
@@ -403,4 +498,10 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
   if step > start or preview is not None:
     write_preview(step)
   checkpointer.wait()
+  if n_skipped * 2 > step - start:
+    raise TrainingDiverged(
+        f'{n_skipped} of the {step - start} steps from step {start + 1} to {step} were non-finite '
+        f'and skipped (skip_nonfinite, the first at step {first_skip}), so the run learned little; '
+        f'checkpoint step {step} keeps the last finite update. Train again with a lower learning '
+        f'rate (e.g. --config.optim.lr={_lower_lr(o.lr)}).')
   return state

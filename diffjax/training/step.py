@@ -18,6 +18,12 @@ such a run is a post-hoc EMA snapshot (`python -m diffjax.phema`).
 EDM2's forced weight normalization is not here but in `tx`: `build.build_optimizer` ends the
 optimizer chain with `state.project_updates(network.project_params)`, so `tx.update` below returns
 updates that land the stored weights on unit norm.
+
+Mixed precision: the network computes in its `dtype` (build passes config.train.compute_dtype)
+while params, optimizer state and EMA stay float32 and the loss comes out of a float32 reduction.
+In float16 the optimizer is wrapped in `state.dynamic_loss_scale`; the step then differentiates
+S·loss, divides the gradients by S and lets that link skip the update (and halve S) on overflow.
+An overflowed gradient is then routine, not a divergence: `finite` looks at the loss and params.
 """
 
 from __future__ import annotations
@@ -79,7 +85,8 @@ def make_train_step(objective, tx: optax.GradientTransformation, *, batch_size: 
 
   Returns:
     train_step(state, batch, base_key) -> (new_state, metrics); metrics are scalars: loss,
-    grad_norm, finite, ema_beta (and lr).
+    grad_norm, finite, ema_beta (and lr; with loss scaling also loss_scale, the S this step
+    used, and grads_finite).
   """
 
   objective = objectives_base.as_objective(objective)
@@ -88,14 +95,24 @@ def make_train_step(objective, tx: optax.GradientTransformation, *, batch_size: 
   def train_step(state: state_lib.TrainState, batch, base_key):
     key = jax.random.fold_in(base_key, state.step)
     obj_extra = state.extra[OBJECTIVE] if phema_stds else state.extra
-    (value, aux), grads = jax.value_and_grad(objective.loss, has_aux=True)(
-        state.params, batch, key, obj_extra)
+    scale = state_lib.loss_scale(state.opt_state)
+    if scale is None:
+      (value, aux), grads = jax.value_and_grad(objective.loss, has_aux=True)(
+          state.params, batch, key, obj_extra)
+    else:
+      def scaled_loss(params):
+        v, a = objective.loss(params, batch, key, obj_extra)
+        return v * scale, (v, a)
+      (_, (value, aux)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(state.params)
+      grads = jax.tree.map(lambda g: g / scale, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     beta = state_lib.ema_beta(state.step, batch_size, ema_halflife_images, ema_rampup_ratio)
     ema_params = state_lib.update_ema(state.ema_params, params, beta)
     # Params are checked too: a finite gradient with a bad learning rate can still poison them.
-    finite = jnp.isfinite(value) & all_finite(grads) & all_finite(params)
+    finite = jnp.isfinite(value) & all_finite(params)
+    if scale is None:  # With loss scaling, a non-finite gradient only skips the update.
+      finite = finite & all_finite(grads)
     extra = objective.update_extra(obj_extra, aux)
     if phema_stds:
       # EDM2 Eq. 127 with t = images seen after this step: β = 0 at the first step.
@@ -119,6 +136,9 @@ def make_train_step(objective, tx: optax.GradientTransformation, *, batch_size: 
     }
     if lr_fn is not None:
       metrics['lr'] = lr_fn(state.step)
+    if scale is not None:
+      metrics['loss_scale'] = scale
+      metrics['grads_finite'] = all_finite(grads)
     return new_state, metrics
 
   return train_step

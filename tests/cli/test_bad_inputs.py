@@ -100,11 +100,18 @@ CASES = [
          r'aside to train from scratch', keeps=('damaged',)),
     Case('train-checkpoints-of-another-model', 'train.py', lambda p: [
         '--config=configs/edm.py:digits', f'--workdir={p["other_model"]}', '--no_progress'],
+         r'The config differs from the one the checkpoints in .* were trained with, in '
+         r'model\.kwargs\.dropout, model\.preset, .*pass --allow_config_change',
+         keeps=('other_model',)),
+    Case('train-checkpoints-of-another-model-allowed', 'train.py', lambda p: [
+        '--config=configs/edm.py:digits', f'--workdir={p["other_model"]}', '--no_progress',
+        '--allow_config_change'],
          r'could be restored .*belong to a different model or optimizer config\. Rerun with the '
          r'config they were trained with', keeps=('other_model',)),
     Case('train-disk-full-during-save', 'train.py', lambda p: TRAIN + [f'--workdir={p["full"]}'],
-         r'Could not write checkpoint step 3 to .* \(.*No space left on device.*\); the newest '
-         r'verified checkpoint is step 2\. Free disk space .*rerun the same command to resume',
+         r'Could not write checkpoint step 3 to .*: the disk is full \(.*No space left on device'
+         r'.*\)\. Free disk space, then rerun the same command: it resumes from step 2, the newest '
+         r'verified checkpoint\.',
          fault=lambda p: f'enospc:{p["full"]}/checkpoints', keeps=('full',)),
     Case('train-read-only-disk', 'train.py', lambda p: TRAIN + [f'--workdir={p["read_only"]}'],
          r'Cannot write to .* \(Read-only file system\); pass a --workdir on a writable disk',

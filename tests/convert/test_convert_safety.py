@@ -88,8 +88,12 @@ def test_other_globals_and_networks_are_named(tmp_path):
     convert.read_edm(path)
   edm2 = dict(type='class', version=6, class_name='Precond', module_src='', state={})
   path.write_bytes(_persistent_pickle(edm2))
+  with pytest.raises(workdir.ConversionError, match='Precond has no recorded constructor'):
+    convert.read_edm(path)
+  other = dict(type='class', version=6, class_name='StyleGAN', module_src='', state={})
+  path.write_bytes(_persistent_pickle(other))
   with pytest.raises(workdir.ConversionError,
-                     match='Precond network .*EDM2.*EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond'):
+                     match='StyleGAN network.*EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond.*EDM2'):
     convert.read_edm(path)
 
 
@@ -191,8 +195,11 @@ def test_dataset_choice(golden):
   assert workdir.choose_dataset(64, 3, 0, hints=['datasets/ffhq-64x64.zip']) == 'ffhq64'
   with pytest.raises(workdir.ConversionError, match="'cifar10' has 32×32×3 images"):
     workdir.choose_dataset(8, 1, 10, dataset='cifar10')
-  with pytest.raises(workdir.ConversionError, match='No registered dataset has 256×256×3'):
-    workdir.choose_dataset(256, 3, 0)
+  # No registered set of that shape: the generic name of the shape (diffusers' celebahq-256).
+  assert workdir.choose_dataset(256, 3, 0) == 'images256x256x3'
+  assert workdir.choose_dataset(128, 3, 1000) == 'images128x128x3_1000classes'
+  with pytest.raises(workdir.ConversionError, match='No registered dataset has 8×8×2'):
+    workdir.choose_dataset(8, 2, 0)
 
 
 def test_cli_usage_and_download_errors(http_root, tmp_path, capsys):

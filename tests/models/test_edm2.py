@@ -18,6 +18,7 @@ from configs import edm2 as edm2_configs
 from diffjax import build, ema
 from diffjax import precond as precond_lib
 from diffjax import state as state_lib
+from diffjax.convert import edm2 as convert_edm2
 from diffjax.models import create_network, edm2
 from diffjax.training import step as step_lib
 
@@ -46,24 +47,9 @@ def test_parameter_counts_match_edm2():
 
 
 def _from_edm2(tensors):
-  """EDM2 Precond state_dict names and PyTorch layouts → this network's params tree."""
-  params = {}
-  for name, value in tensors.items():
-    parts = name.split('.')
-    if parts[0] == 'unet':
-      parts = parts[1:]
-      if parts[0] in ('enc', 'dec'):  # unet.enc.8x8_block0.conv_res0.weight → enc_8x8_block0/...
-        parts = [f'{parts[0]}_{parts[1]}'] + parts[2:]
-    value = np.asarray(value, np.float32)
-    if value.ndim == 4:  # [out, in, kh, kw] → [kh, kw, in, out]
-      value = value.transpose(2, 3, 1, 0)
-    elif value.ndim == 2:  # [out, in] → [in, out]
-      value = value.T
-    node = params
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = jnp.asarray(value)
-  return params
+  """EDM2 Precond state_dict names and PyTorch layouts → this network's params tree (the mapping
+  diffjax.convert uses for EDM2 snapshots)."""
+  return convert_edm2.params_from_state_dict(tensors)
 
 
 def test_output_matches_edm2_precond():

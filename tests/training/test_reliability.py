@@ -252,11 +252,14 @@ def test_divergence_names_the_steps_and_keeps_the_checkpoint(run3):
 def test_skip_nonfinite_keeps_the_last_good_state(run3, caplog):
   config = tiny_config(skip_nonfinite=True)
   config.optim.lr = float('nan')
-  with caplog.at_level(logging.WARNING):
-    state = loop.train(config, run3, max_steps=5, progress=False)
-  assert int(state.step) == 5
+  # Both steps skipped: more than half, so the run ends in an error (exit != 0), not "Done".
+  with caplog.at_level(logging.WARNING), pytest.raises(
+      loop.TrainingDiverged, match=r'2 of the 2 steps from step 4 to 5 were non-finite'):
+    loop.train(config, run3, max_steps=5, progress=False)
   assert 'Skipped a non-finite update at step 4' in caplog.text
   assert 'Skipped a non-finite update at step 5' in caplog.text
+  state = runs.load(run3)  # step 5 was saved: the last finite update's params
+  assert state.step == 5
   good = runs.load(run3, step=3)
   _params_close(state.params, good.params, rtol=0, atol=0)
   _params_close(state.ema_params, good.ema_params, rtol=0, atol=0)
