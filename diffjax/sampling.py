@@ -260,7 +260,7 @@ GRID_MAX = 1024              # grid.png shows the first this many samples
 _SHARD_FORMAT = 1
 
 
-def _canonical(value):
+def canonical_settings(value):
   """`value` as JSON would give it back (tuples as lists, keys as strings)."""
   return json.loads(json.dumps(value, sort_keys=True, default=str))
 
@@ -273,7 +273,38 @@ def _differences(old, new, prefix: str = '') -> list[str]:
   return [] if old == new else [prefix.rstrip('.') or 'all']
 
 
-def _write_whole(path: str, write: Callable) -> None:
+def open_shard_dir(directory: str, settings: dict, what: str) -> None:
+  """Makes a resumable shard folder ready: removes files a kill cut short, then checks that earlier
+  shards were made with `settings` (or records them, for a new folder).
+
+  Args:
+    directory: the shard folder (made if missing).
+    settings: canonical JSON (`canonical_settings`) of everything the shards depend on.
+    what: what the shards hold, for the message ('samples', 'feature statistics').
+
+  Raises:
+    ValueError: the folder holds shards of other settings (one sentence naming the keys).
+  """
+  os.makedirs(directory, exist_ok=True)
+  for name in os.listdir(directory):
+    if name.startswith('.tmp-'):  # a write cut short by a kill
+      os.remove(os.path.join(directory, name))
+  path = os.path.join(directory, SETTINGS_FILE)
+  if not os.path.exists(path):
+    write_whole(path, lambda f: f.write(json.dumps(settings, indent=2).encode()))
+    return
+  with open(path) as f:
+    try:
+      differ = _differences(json.load(f), settings)
+    except ValueError:
+      differ = [f'{SETTINGS_FILE} is unreadable']
+  if differ:
+    shown = ', '.join(differ[:6]) + (f' and {len(differ) - 6} more' if len(differ) > 6 else '')
+    raise ValueError(f'{directory} holds {what} made with other settings ({shown}); pass another '
+                     f'--out, or delete {directory} to start over.')
+
+
+def write_whole(path: str, write: Callable) -> None:
   """Writes a file aside, syncs it and renames it into place: it appears whole or not at all,
   also after a hard kill or a lost machine."""
   directory, name = os.path.split(path)
@@ -292,29 +323,12 @@ class _Shards:
   def __init__(self, out: str, settings: dict):
     self.out = out
     self.dir = os.path.join(out, SHARD_DIR)
-    self.settings = _canonical(settings)
+    self.settings = canonical_settings(settings)
     self.index: dict[int, Tuple[str, int]] = {}  # seed -> (shard file, row)
 
   def open(self) -> None:
     """Checks the settings of earlier shards, then indexes them (removing half-written ones)."""
-    os.makedirs(self.dir, exist_ok=True)
-    for name in os.listdir(self.dir):
-      if name.startswith('.tmp-'):  # a write cut short by a kill
-        os.remove(os.path.join(self.dir, name))
-    path = os.path.join(self.dir, SETTINGS_FILE)
-    if os.path.exists(path):
-      with open(path) as f:
-        try:
-          differ = _differences(json.load(f), self.settings)
-        except ValueError:
-          differ = [f'{SETTINGS_FILE} is unreadable']
-      if differ:
-        shown = ', '.join(differ[:6]) + (f' and {len(differ) - 6} more' if len(differ) > 6 else '')
-        raise ValueError(
-            f'{self.dir} holds samples made with other settings ({shown}); pass another --out, or '
-            f'delete {self.dir} to start over.')
-    else:
-      _write_whole(path, lambda f: f.write(json.dumps(self.settings, indent=2).encode()))
+    open_shard_dir(self.dir, self.settings, 'samples')
     for name in sorted(os.listdir(self.dir)):
       if not (name.startswith('shard-') and name.endswith('.npz')):
         continue
@@ -333,7 +347,7 @@ class _Shards:
     seeds = np.asarray(seeds, np.int64)
     name = f'shard-{int(seeds[0]):010d}-{len(seeds):05d}-{zlib.crc32(seeds.tobytes()):08x}.npz'
     path = os.path.join(self.dir, name)
-    _write_whole(path, lambda f: np.savez(
+    write_whole(path, lambda f: np.savez(
         f, images=images, seeds=seeds,
         labels=np.asarray(labels if labels is not None else [], np.int32)))
     for row, seed in enumerate(seeds.tolist()):
@@ -385,14 +399,14 @@ class _Shards:
           with zf.open(f'{name}.npy', 'w', force_zip64=True) as member:
             np.lib.format.write_array(member, value)
 
-    _write_whole(os.path.join(out, 'samples.npz'), write_npz)
+    write_whole(os.path.join(out, 'samples.npz'), write_npz)
     png = images_lib.make_grid(np.concatenate(grid))
 
     def write_png(f) -> None:
       from PIL import Image
       Image.fromarray(png).save(f, format='PNG')
 
-    _write_whole(os.path.join(out, 'grid.png'), write_png)
+    write_whole(os.path.join(out, 'grid.png'), write_png)
     return np.concatenate(kept) if keep else None
 
 

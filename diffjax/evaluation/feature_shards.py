@@ -23,7 +23,6 @@ each shard; process 0 alone reads and writes the folder.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import zlib
@@ -38,7 +37,7 @@ from diffjax import sampling
 log = logging.getLogger(__name__)
 
 SHARD_DIR = 'shards'           # OUT/shards/ of an evaluation (OUT = the result JSON without .json)
-SETTINGS_FILE = 'settings.json'
+SETTINGS_FILE = sampling.SETTINGS_FILE
 DEFAULT_SHARD_SIZE = 5120      # seeds per shard: 10 shards for 50k; a multiple of common batches
 FORMAT = 1
 
@@ -106,7 +105,7 @@ class FeatureShards:
 
   def __init__(self, directory: str, settings: dict):
     self.dir = directory
-    self.settings = sampling._canonical(settings)
+    self.settings = sampling.canonical_settings(settings)
     self.done: set[str] = set()
 
   def open(self) -> list[str]:
@@ -120,24 +119,7 @@ class FeatureShards:
       ValueError: the folder holds shards of other settings (one sentence naming what differs).
       OSError: the folder cannot be made or written.
     """
-    os.makedirs(self.dir, exist_ok=True)
-    for name in os.listdir(self.dir):
-      if name.startswith('.tmp-'):  # a write cut short by a kill
-        os.remove(os.path.join(self.dir, name))
-    path = os.path.join(self.dir, SETTINGS_FILE)
-    if os.path.exists(path):
-      with open(path) as f:
-        try:
-          differ = sampling._differences(json.load(f), self.settings)
-        except ValueError:
-          differ = [f'{SETTINGS_FILE} is unreadable']
-      if differ:
-        shown = ', '.join(differ[:6]) + (f' and {len(differ) - 6} more' if len(differ) > 6 else '')
-        raise ValueError(
-            f'{self.dir} holds feature statistics made with other settings ({shown}); pass another '
-            f'--out, or delete {self.dir} to start over.')
-    else:
-      sampling._write_whole(path, lambda f: f.write(json.dumps(self.settings, indent=2).encode()))
+    sampling.open_shard_dir(self.dir, self.settings, 'feature statistics')
     for name in sorted(os.listdir(self.dir)):
       if not (name.startswith('shard-') and name.endswith('.npz')):
         continue
@@ -156,7 +138,7 @@ class FeatureShards:
     """Writes a shard: the sink state of exactly these seeds."""
     seeds = np.asarray(seeds, np.int64)
     name = shard_name(seeds)
-    sampling._write_whole(os.path.join(self.dir, name),
+    sampling.write_whole(os.path.join(self.dir, name),
                           lambda f: np.savez(f, seeds=seeds, **state))
     self.done.add(name)
 

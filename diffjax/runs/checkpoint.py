@@ -38,7 +38,6 @@ import errno
 import itertools
 import logging
 import os
-import shutil
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -47,6 +46,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from diffjax import parallel
+from diffjax.runs import files
 
 log = logging.getLogger(__name__)
 
@@ -204,14 +204,16 @@ class Checkpointer:
   """Saves, verifies and restores one pytree per step under `directory`.
 
   Args:
-    directory: where step folders are written (created by the first save).
+    directory: where step folders are written (created by the first save): a local path or a
+      URL such as gs://bucket/run/checkpoints (through etils.epath, which Orbax takes natively).
     max_to_keep: how many recent steps to keep (an older one goes only once a newer one is
       verified).
     async_save: write in a background thread (the step loop goes on).
   """
 
-  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: files.PathLike, max_to_keep: int = 3, async_save: bool = True):
+    self._path = files.path(directory)
+    self.directory = os.fspath(self._path)  # str, for messages
     self.max_to_keep = max(1, int(max_to_keep))
     self.skipped: list[int] = []  # unusable steps passed over by the last restore()
     self._async = async_save
@@ -232,14 +234,14 @@ class Checkpointer:
         # Every process passes the barrier (whether or not it saw the directory missing: process
         # 0 may already have made it), and none goes on before it exists.
         if self._is_main:
-          os.makedirs(self.directory, exist_ok=True)
+          self._path.mkdir(parents=True, exist_ok=True)
         _barrier('diffjax_checkpoint_mkdir')
-      elif not os.path.isdir(self.directory):
+      elif not self._path.is_dir():
         return None
       # Explicit item handlers: a damaged step (an item directory gone) must not break the
       # manager for the other steps. max_to_keep=None: deletion is ours, after verification.
       self._manager = ocp.CheckpointManager(
-          self.directory,
+          self._path,
           item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
                          INTEGRITY_ITEM: ocp.JsonCheckpointHandler()},
           options=ocp.CheckpointManagerOptions(
@@ -258,18 +260,18 @@ class Checkpointer:
     steps = self.steps()
     return steps[-1] if steps else None
 
-  def _step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+  def _step_dir(self, step: int):
+    return self._path / str(step)
 
   # -- Saving -----------------------------------------------------------------------------------
 
   def _remove_leftovers(self) -> None:
     """Removes what a hard kill can leave: uncommitted tmp steps and half-deleted trash."""
-    if not self._is_main or not os.path.isdir(self.directory):
+    if not self._is_main or not self._path.is_dir():
       return
-    for name in os.listdir(self.directory):
-      if TMP_MARKER in name or name == TRASH_DIR:
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    for entry in self._path.iterdir():
+      if TMP_MARKER in entry.name or entry.name == TRASH_DIR:
+        files.remove_tree(entry)
 
   def save(self, step: int, tree: Any, force: bool = False) -> bool:
     """Starts saving `tree` as `step` (returns True once the save is under way).
@@ -291,7 +293,7 @@ class Checkpointer:
     host = jax.device_get(tree)
     record = {'format': INTEGRITY_FORMAT, 'step': int(step), 'fingerprints': fingerprints(host)}
     try:
-      if self._is_main and self._seen_dir and not os.path.isdir(self.directory):
+      if self._is_main and self._seen_dir and not self._path.is_dir():
         raise FileNotFoundError(errno.ENOENT, 'No such directory', self.directory)
       manager = self._get_manager(create=True)
       self._seen_dir = True
@@ -320,17 +322,18 @@ class Checkpointer:
 
   def _probe(self) -> None:
     """Writes and removes a small file: raises the OSError a save into the directory would meet."""
-    path = os.path.join(self.directory, f'.write-probe-{os.getpid()}')
-    with open(path, 'wb') as f:
+    path = self._path / f'.write-probe-{os.getpid()}'
+    with path.open('wb') as f:
       f.write(b'\0' * 4096)
       f.flush()
-      os.fsync(f.fileno())
-    os.remove(path)
+      if files.is_local(path):  # an object store commits on close
+        os.fsync(f.fileno())
+    path.unlink()
 
   def _last_good(self) -> str:
     """What a rerun does: 'it resumes from step N, …' (verified, read back now if need be) or not."""
     try:
-      on_disk = self.steps() if os.path.isdir(self.directory) else []
+      on_disk = self.steps() if self._path.is_dir() else []
     except Exception:  # noqa: BLE001 - the directory is unreadable.
       on_disk = []
     good = sorted(self._verified.intersection(on_disk))
@@ -356,7 +359,7 @@ class Checkpointer:
     elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
       what, fix = ('the directory is not writable (permissions, a read-only or immutable file '
                    'system)'), 'make it writable'
-    elif code in (errno.ENOENT, errno.ENOTDIR) or not os.path.isdir(self.directory):
+    elif code in (errno.ENOENT, errno.ENOTDIR) or not self._path.is_dir():
       what, fix = ('the directory has vanished (deleted, moved or unmounted)',
                    'restore it or pass another --workdir')
     else:
@@ -433,17 +436,17 @@ class Checkpointer:
       steps = self.steps()
       keep = steps[-self.max_to_keep:]
       doomed = steps[:-len(keep)] if self._verified.intersection(keep) else []
-      trash = os.path.join(self.directory, TRASH_DIR)
+      trash = self._path / TRASH_DIR
       for s in doomed:
-        os.makedirs(trash, exist_ok=True)
+        trash.mkdir(parents=True, exist_ok=True)
         # Rename first (atomic): a kill mid-delete must never leave a half-deleted step that a
         # restore could pick up.
-        target = os.path.join(trash, f'{s}-{os.getpid()}-{time.time_ns()}')
-        os.rename(self._step_dir(s), target)
-        shutil.rmtree(target, ignore_errors=True)
+        target = trash / f'{s}-{os.getpid()}-{time.time_ns()}'
+        self._step_dir(s).rename(target)
+        files.remove_tree(target)
       if doomed:
         try:
-          os.rmdir(trash)
+          trash.rmdir()
         except OSError:  # Not empty: a removal failed; the next run's first save retries.
           pass
     _barrier('diffjax_checkpoint_gc')
@@ -452,14 +455,14 @@ class Checkpointer:
   def _move_aside(self, steps: List[int]) -> None:
     """Moves unusable steps into damaged/ (process 0), so the run can save those steps again."""
     if self._is_main:
-      damaged = os.path.join(self.directory, DAMAGED_DIR)
-      os.makedirs(damaged, exist_ok=True)
+      damaged = self._path / DAMAGED_DIR
+      damaged.mkdir(parents=True, exist_ok=True)
       for s in steps:
-        target, n = os.path.join(damaged, str(s)), 1
-        while os.path.exists(target):
-          target, n = os.path.join(damaged, f'{s}.{n}'), n + 1
-        if os.path.isdir(self._step_dir(s)):
-          os.rename(self._step_dir(s), target)
+        target, n = damaged / str(s), 1
+        while target.exists():
+          target, n = damaged / f'{s}.{n}', n + 1
+        if self._step_dir(s).is_dir():
+          self._step_dir(s).rename(target)
     _barrier('diffjax_checkpoint_move_aside')
     if self._manager is not None:
       self._manager.reload()

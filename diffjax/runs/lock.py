@@ -18,6 +18,15 @@ holder's heartbeat, refreshed by a background thread.
 
 Multi-host runs take it on process 0 only (`hold`); the other processes learn the verdict through
 the key-value store, so a refused run stops on every process.
+
+A workdir that is a URL (gs://bucket/run, through `etils.epath`) is on an object store seen from
+many machines, where a pid means nothing and there are no hard links, exclusive creation or
+settable modification times. There the lock is heartbeat-only: the record carries its own
+heartbeat time ('beat', rewritten every `heartbeat_s`), a lock is taken over only when that is
+older than `stale_s` (whatever its host and pid say), and creation is write-then-verify (written
+if absent, read back after `VERIFY_S`: of two runs starting together the one whose record was
+overwritten refuses). Two runs that start within the same instant may still both pass, so the
+acquiring run logs a warning saying so; the lock still stops every later second run.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import uuid
 from typing import Iterator, Optional
 
 from diffjax import parallel
+from diffjax.runs import files
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +53,7 @@ LOCK_FILE = 'diffjax.lock'
 HEARTBEAT_S = 15.0   # how often a holder refreshes its heartbeat
 STALE_S = 120.0      # a lock from another host with no heartbeat for this long is taken over
 _FILL_S = 10.0       # a lock younger than this with no readable record yet is being written
+VERIFY_S = 2.0       # on an object store: how long a new lock settles before it is read back
 _NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
 
 
@@ -108,7 +119,8 @@ class WorkdirLock:
 
   Args:
     workdir: the run's directory (created if missing; removed again at release if the lock was
-      all that was in it, so a run that fails to start leaves no empty workdir behind).
+      all that was in it, so a run that fails to start leaves no empty workdir behind): a local
+      path, or a URL such as gs://bucket/run (heartbeat-only, see the module docstring).
     command: what holds it, for the message a refused run prints (e.g. 'train.py').
     heartbeat_s: how often the heartbeat is refreshed.
     stale_s: a lock from another host whose heartbeat is older than this is taken over.
@@ -116,13 +128,17 @@ class WorkdirLock:
 
   def __init__(self, workdir: str, command: str = '', *, heartbeat_s: float = HEARTBEAT_S,
                stale_s: float = STALE_S):
-    self.workdir = os.path.abspath(workdir)
-    self.path = os.path.join(self.workdir, LOCK_FILE)
+    self._root = files.path(workdir)
+    self._local = files.is_local(self._root)
+    self.workdir = os.fspath(self._root)  # str, for messages
+    self._file = self._root / LOCK_FILE
+    self.path = os.fspath(self._file)
     self.command = command or _command()
     self.heartbeat_s = float(heartbeat_s)
     self.stale_s = float(stale_s)
     self._token = None
     self._created_workdir = False
+    self._held = {}  # our record, rewritten as the heartbeat on an object store
     self._stop = threading.Event()
     self._thread = None
 
@@ -135,9 +151,8 @@ class WorkdirLock:
     else not a diffjax lock, which counts as a holder that is gone.
     """
     try:
-      with open(self.path) as f:
-        text = f.read()
-      age = time.time() - os.stat(self.path).st_mtime
+      text = self._file.read_text()
+      age = time.time() - os.stat(self.path).st_mtime if self._local else None
     except FileNotFoundError:
       return None
     try:
@@ -146,6 +161,9 @@ class WorkdirLock:
         raise ValueError
     except ValueError:
       record = {}
+    if age is None:  # An object store: the record's own heartbeat time (0 s if it has none).
+      beat = record.get('beat', record.get('since'))
+      age = time.time() - beat if isinstance(beat, (int, float)) else 0.0
     record['heartbeat'] = age
     return record
 
@@ -155,7 +173,7 @@ class WorkdirLock:
     if not isinstance(pid, int) or 'host' not in record:
       # Being written (see `_try_create`), or not a diffjax lock.
       return 'its record is unreadable' if record['heartbeat'] > _FILL_S else None
-    if record['host'] == socket.gethostname():
+    if self._local and record['host'] == socket.gethostname():
       if record.get('boot') and _boot_id() and record['boot'] != _boot_id():
         return 'this host has restarted since'
       if not _pid_alive(pid):
@@ -180,12 +198,15 @@ class WorkdirLock:
 
   def _record(self) -> dict:
     pid = os.getpid()
+    now = time.time()
     return {'host': socket.gethostname(), 'pid': pid, 'start': _start_ticks(pid),
-            'boot': _boot_id(), 'since': time.time(), 'command': self.command,
+            'boot': _boot_id(), 'since': now, 'beat': now, 'command': self.command,
             'token': self._token}
 
   def _try_create(self) -> bool:
     """Creates the lock file whole, atomically; False if one exists."""
+    if not self._local:
+      return self._try_create_remote()
     text = json.dumps(self._record())
     tmp = os.path.join(self.workdir, f'.{LOCK_FILE}.tmp-{os.getpid()}-{self._token}')
     with open(tmp, 'w') as f:
@@ -210,6 +231,15 @@ class WorkdirLock:
       f.write(text)
     return True
 
+  def _try_create_remote(self) -> bool:
+    """Write-then-verify on an object store (one object write is whole, but not exclusive)."""
+    if self._file.exists():
+      return False
+    self._held = self._record()
+    self._file.write_text(json.dumps(self._held))
+    time.sleep(VERIFY_S)  # a run that wrote just after us has overwritten our record by now
+    return self._ours()
+
   def acquire(self) -> 'WorkdirLock':
     """Takes the lock, taking over one left by a run that is gone.
 
@@ -217,14 +247,19 @@ class WorkdirLock:
       WorkdirLocked: a live run holds the workdir (nothing was written).
       ValueError: the workdir is a file.
     """
-    if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+    if self._root.exists() and not self._root.is_dir():
       raise ValueError(f'--workdir {self.workdir} is a file, not a directory; pass a directory '
                        '(new or of an earlier run).')
     self._token = uuid.uuid4().hex
+    if not self._local:
+      log.warning('The workdir %s is not on a local file system: its lock is heartbeat-only (a '
+                  'lock is taken over once its heartbeat is %.0f s old, whatever its pid), and '
+                  'two runs started at the same instant may both get it; start one run per '
+                  'workdir.', self.workdir, self.stale_s)
     try:
-      if not os.path.isdir(self.workdir):
-        os.makedirs(self.workdir, exist_ok=True)
-        self._created_workdir = True
+      if not self._root.is_dir():
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._created_workdir = self._local  # an object store has no empty directory to remove
       return self._acquire()
     except WorkdirLocked:
       self._token = None
@@ -250,6 +285,11 @@ class WorkdirLock:
         raise WorkdirLocked(
             f'The workdir {self.workdir} is in use by another run ({self._describe(record)}); '
             'wait for it to finish or stop it, or pass another --workdir.')
+      if not self._local:  # No atomic rename there: removed, then retaken by write-then-verify.
+        self._file.unlink(missing_ok=True)
+        log.warning('Taking over the lock of %s left by a run that is gone (%s; %s).',
+                    self.workdir, self._describe(record), reason)
+        continue
       # Renamed aside, not deleted: of several runs taking over at once only one can rename it,
       # and a lock taken meanwhile by a live run is checked again before it could be lost.
       aside = f'{self.path}.stale-{os.getpid()}-{self._token}'
@@ -278,6 +318,8 @@ class WorkdirLock:
 
   def _remove_leftovers(self) -> None:
     """Removes records a kill left mid-write or mid-takeover (old enough not to be in use)."""
+    if not self._local:  # nothing is written aside there
+      return
     for name in os.listdir(self.workdir):
       if name.startswith((f'.{LOCK_FILE}.tmp-', f'{LOCK_FILE}.stale-')):
         path = os.path.join(self.workdir, name)
@@ -297,7 +339,10 @@ class WorkdirLock:
     while not self._stop.wait(self.heartbeat_s):
       try:
         if self._ours():
-          os.utime(self.path)
+          if self._local:
+            os.utime(self.path)
+          else:  # No settable mtime on an object store: the record carries its heartbeat.
+            self._file.write_text(json.dumps(dict(self._held, beat=time.time())))
           continue
         problem = 'another run has taken it over'
       except OSError as e:
@@ -320,7 +365,7 @@ class WorkdirLock:
       return
     try:
       if self._ours():
-        os.unlink(self.path)
+        self._file.unlink()
     except OSError as e:
       log.warning('Could not remove the lock %s (%s); the next run takes it over.', self.path,
                   e.strerror or e)

@@ -20,29 +20,32 @@ from diffjax import build
 from diffjax import precond as precond_lib
 from diffjax import state as state_lib
 from diffjax.runs import checkpoint as ckpt_lib
+from diffjax.runs import files
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 
 
-def save_config(config, workdir: str) -> None:
-  """Writes config.json into the workdir (what `load` and resumes read back)."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  # Written aside and renamed: a run killed mid-write must not leave a truncated config.json.
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(tmp, path)
+def save_config(config, workdir: files.PathLike) -> None:
+  """Writes config.json into the workdir (what `load` and resumes read back).
+
+  Args:
+    config: the run's ConfigDict.
+    workdir: a local path or a URL such as gs://bucket/run (through etils.epath).
+  """
+  root = files.path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  # Atomic: a run killed mid-write must not leave a truncated config.json.
+  files.write_atomic(root / CONFIG_FILE, config.to_json_best_effort(indent=2))
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+def read_config(workdir: files.PathLike) -> ml_collections.ConfigDict:
+  """The config.json of a run's workdir (local path or URL)."""
+  path = files.path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(
         f'{workdir} is not a diffjax run (no {CONFIG_FILE}); pass the --workdir of a train.py run.')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 # The sections `load` and sample.py read (configs/common.base_config has them all).
@@ -56,8 +59,9 @@ def check_run_config(config, workdir: str) -> None:
   are its stage folders (`training.distill.plan`), and the sentence lists those there.
   """
   if 'distill' in config and 'stage' not in config.distill:
-    stages = sorted((d for d in os.listdir(workdir)
-                     if os.path.isfile(os.path.join(workdir, d, CONFIG_FILE))), key=_stage_order)
+    root = files.path(workdir)
+    stages = sorted((d.name for d in root.iterdir() if (d / CONFIG_FILE).is_file()),
+                    key=_stage_order)
     listed = (f'pass one of its stage folders, e.g. --workdir={os.path.join(workdir, stages[-1])} '
               f'(stages: {", ".join(stages)})' if stages else
               'no stage has been trained yet; run distill.py first, then pass a stage folder '

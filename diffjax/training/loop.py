@@ -30,6 +30,7 @@ from diffjax import images as images_lib
 from diffjax import state as state_lib
 from diffjax.objectives import base as objectives_base
 from diffjax.runs import checkpoint as ckpt_lib
+from diffjax.runs import files
 from diffjax.training import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -146,47 +147,65 @@ class _StopFlag:
 
 
 class _MetricWriter:
-  """Scalars to metrics.jsonl and TensorBoard (process 0 only)."""
+  """Scalars to metrics.jsonl and TensorBoard (process 0 only).
 
-  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
+  A local metrics.jsonl is appended to; an object store (gs://) has no append, so there the
+  object is rewritten whole at each write (log rows are small; a reader always sees whole rows).
+  """
+
+  def __init__(self, workdir: files.PathLike, enabled: bool, start_step: int = 0):
     self.enabled = enabled
     self._tb = None
     if enabled:
-      path = os.path.join(workdir, 'metrics.jsonl')
-      _trim_metrics(path, start_step)
-      self._jsonl = open(path, 'a')
+      path = files.path(workdir) / 'metrics.jsonl'
+      rows = _trim_metrics(path, start_step)
+      self._remote = None if files.is_local(path) else (path, rows)
+      self._jsonl = path.open('a') if self._remote is None else None
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+        self._tb = SummaryWriter(os.fspath(files.path(workdir) / 'tensorboard'))
       except ImportError:  # TensorBoard logging is optional.
+        self._tb = None
+      except Exception as e:  # noqa: BLE001 - e.g. no writer for this URL scheme: optional too.
+        log.warning('No TensorBoard logs in %s (%s); metrics.jsonl is written.', workdir, e)
         self._tb = None
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
-    self._jsonl.flush()
+    line = json.dumps({'step': step, **scalars}) + '\n'
+    if self._remote is not None:
+      path, rows = self._remote
+      rows.append(line)
+      path.write_text(''.join(rows))
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(k, v, step)
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
 
 
-def _trim_metrics(path: str, start_step: int) -> None:
-  """Keeps only the rows of metrics.jsonl up to the step the run resumes from.
+def _trim_metrics(path, start_step: int) -> list:
+  """Keeps only the rows of metrics.jsonl up to the step the run resumes from; returns them.
 
   An interrupted run logged steps after its last checkpoint (which the resumed run repeats), and a
   hard kill can leave half a line; both would corrupt the log. Rewritten atomically.
+
+  Args:
+    path: the epath.Path of metrics.jsonl (local or remote).
+    start_step: the step the run resumes from (0 for a new run).
   """
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
+  if not path.exists():
+    return []
+  lines = path.read_text().splitlines(keepends=True)
   keep = []
   for line in lines:
     try:
@@ -195,12 +214,9 @@ def _trim_metrics(path: str, start_step: int) -> None:
       continue
     if isinstance(row, dict) and int(row.get('step', 0)) <= start_step:
       keep.append(json.dumps(row) + '\n')
-  if len(keep) == len(lines) and all(a == b for a, b in zip(keep, lines)):
-    return
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  if not (len(keep) == len(lines) and all(a == b for a, b in zip(keep, lines))):
+    files.write_atomic(path, ''.join(keep))
+  return keep
 
 
 def _make_preview(config, denoiser, spec, mesh):
@@ -256,6 +272,15 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None, progress: bo
                   allow_config_change=allow_config_change)
 
 
+def _save_png(grid: np.ndarray, path) -> str:
+  """Writes uint8 images [N, H, W, C] as one PNG grid at `path` (an epath.Path; local or URL)."""
+  from PIL import Image  # Pillow is only needed when a grid is written.
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    Image.fromarray(images_lib.make_grid(grid)).save(f, format='PNG')
+  return os.fspath(path)
+
+
 def _unwritable(workdir: str, e: OSError) -> OSError:
   return OSError(f'Cannot write to {workdir} ({e.strerror or e}); pass a --workdir on a writable '
                  'disk with free space.')
@@ -269,7 +294,8 @@ def _lower_lr(lr: float) -> str:
 def _train(config, workdir, stop, *, max_steps, progress, objective, init_params, denoiser,
            allow_config_change):
   is_main = jax.process_index() == 0
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  root = files.path(workdir)  # a local path or gs://… (os.path would mangle a URL)
+  if root.exists() and not root.is_dir():
     raise ValueError(f'--workdir {workdir} is a file, not a directory; pass a directory (new or '
                      'of an earlier run).')
   mesh = parallel.make_mesh()
@@ -313,7 +339,7 @@ def _train(config, workdir, stop, *, max_steps, progress, objective, init_params
   # Then the workdir lock (`runs.lock`), before the run's files are read or written: a second run
   # on a live run's workdir stops here and touches nothing.
   with runs.lock.hold(workdir):
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR),
+    checkpointer = ckpt_lib.Checkpointer(files.path(workdir) / runs.CHECKPOINT_DIR,
                                          max_to_keep=int(config.train.keep_checkpoints))
     resources = {}
     try:
@@ -394,7 +420,7 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
   # leaves the previous config.json, which describes the checkpoints there).
   try:
     if is_main:
-      os.makedirs(workdir, exist_ok=True)
+      files.path(workdir).mkdir(parents=True, exist_ok=True)
     writer = resources['writer'] = _MetricWriter(workdir, is_main, start)
   except OSError as e:
     raise _unwritable(workdir, e) from e
@@ -423,8 +449,9 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
       return
     grid = preview(state.ema_params)
     if is_main:
-      path = images_lib.save_grid(grid, os.path.join(workdir, 'samples', f'step_{step:08d}.png'))
-      images_lib.save_grid(grid, os.path.join(workdir, 'samples', 'latest.png'))
+      samples = files.path(workdir) / 'samples'
+      path = _save_png(grid, samples / f'step_{step:08d}.png')
+      _save_png(grid, samples / 'latest.png')
       log.info('Wrote %s', path)
 
   step = start
