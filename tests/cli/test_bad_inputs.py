@@ -104,10 +104,10 @@ CASES = [
          r'model\.kwargs\.dropout, model\.preset, .*pass --allow_config_change',
          keeps=('other_model',)),
     Case('train-checkpoints-of-another-model-allowed', 'train.py', lambda p: [
-        '--config=configs/edm.py:digits', f'--workdir={p["other_model"]}', '--no_progress',
+        '--config=configs/edm.py:digits', f'--workdir={p["other_model_allowed"]}', '--no_progress',
         '--allow_config_change'],
          r'could be restored .*belong to a different model or optimizer config\. Rerun with the '
-         r'config they were trained with', keeps=('other_model',)),
+         r'config they were trained with', keeps=('other_model_allowed',)),
     Case('train-disk-full-during-save', 'train.py', lambda p: TRAIN + [f'--workdir={p["full"]}'],
          r'Could not write checkpoint step 3 to .*: the disk is full \(.*No space left on device'
          r'.*\)\. Free disk space, then rerun the same command: it resumes from step 2, the newest '
@@ -194,8 +194,9 @@ def paths(tmp_path_factory):
       os.environ.pop('TFDS_DATA_DIR', None)
     else:
       os.environ['TFDS_DATA_DIR'] = old
-  for name in ('unconditional', 'damaged', 'other_model', 'full', 'read_only', 'diverges',
-               'foreign'):
+  # Cases run two at a time, so two cases never share a workdir (the lock would refuse one).
+  for name in ('unconditional', 'damaged', 'other_model', 'other_model_allowed', 'full',
+               'read_only', 'diverges', 'foreign'):
     p[name] = str(root / name)
     shutil.copytree(p['run'], p[name])
   config_path = os.path.join(p['unconditional'], runs.CONFIG_FILE)
