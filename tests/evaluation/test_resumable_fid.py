@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import saved_runs
 
 from configs import distill as distill_configs
 from configs import edm as edm_configs
-from diffjax import build, runs
 from diffjax import evaluation as ev
-from diffjax import state as state_lib
+from diffjax import runs
 from diffjax.evaluation import feature_shards
 from diffjax.evaluation import features as features_lib
 from diffjax.evaluation import fid as fidlib
@@ -36,19 +36,8 @@ BATCH = 4
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
   """The tiny EDM config saved at its initialization (any weights do: two evaluations are compared)."""
-  c = edm_configs.get_config('tiny')
-  workdir = str(tmp_path_factory.mktemp('fid') / 'run')
-  spec = build.dataset_spec(c)
-  denoiser = build.build_denoiser(c, spec)
-  objective = build.build_objective(c, spec, denoiser)
-  state = jax.jit(lambda: state_lib.create_train_state(
-      build.init_params(denoiser.network, spec, jax.random.key(0)), build.build_optimizer(c),
-      objective.init_extra()))()
-  runs.save_config(c, workdir)
-  checkpointer = runs.checkpoint.Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR))
-  checkpointer.save(1, state)
-  checkpointer.close()
-  return workdir
+  return saved_runs.save_initialized_run(
+      edm_configs.get_config('tiny'), str(tmp_path_factory.mktemp('fid') / 'run'))
 
 
 # --------------------------------------------------------------------------------------------------------

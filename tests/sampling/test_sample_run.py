@@ -12,13 +12,12 @@ import re
 import signal
 
 import forkserver
-import jax
 import numpy as np
 import pytest
+import saved_runs
 
 from configs import edm as edm_configs
-from diffjax import build, runs, sampling
-from diffjax import state as state_lib
+from diffjax import sampling
 
 SEEDS, BATCH = 160, 8  # 20 batches
 
@@ -27,19 +26,8 @@ SEEDS, BATCH = 160, 8  # 20 batches
 def run_dir(tmp_path_factory):
   """A run of the tiny config saved at its initialization: any weights do, the test compares two
   samplings of them (and no train step is compiled)."""
-  c = edm_configs.get_config('tiny')
-  workdir = str(tmp_path_factory.mktemp('sample') / 'run')
-  spec = build.dataset_spec(c)
-  denoiser = build.build_denoiser(c, spec)
-  objective = build.build_objective(c, spec, denoiser)
-  state = jax.jit(lambda: state_lib.create_train_state(
-      build.init_params(denoiser.network, spec, jax.random.key(0)), build.build_optimizer(c),
-      objective.init_extra()))()
-  runs.save_config(c, workdir)
-  checkpointer = runs.checkpoint.Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR))
-  checkpointer.save(1, state)
-  checkpointer.close()
-  return workdir
+  return saved_runs.save_initialized_run(
+      edm_configs.get_config('tiny'), str(tmp_path_factory.mktemp('sample') / 'run'))
 
 
 def _argv(workdir, out):
