@@ -48,6 +48,14 @@ VARIANTS = {
     'jax, MALLOC_TRIM_THRESHOLD_=0': ('jax', [], {'MALLOC_TRIM_THRESHOLD_': '0',
                                                   'MALLOC_MMAP_THRESHOLD_': '1048576'}),
     'jax, malloc_trim at each stage': ('jax', ['--trim'], {}),
+    # Where diffjax's train loop calls parallel.release_host_memory(): state built, step compiled
+    # (the loop compiles the step ahead of its first call for this); and without the second.
+    'jax, malloc_trim where the train loop trims':
+        ('jax', ['--trim-at=train state built,step compiled'], {}),
+    'jax, as the train loop, and the init executable dropped':
+        ('jax', ['--trim-at=train state built,step compiled', '--clear-caches'], {}),
+    'jax, malloc_trim after the state and after the first step':
+        ('jax', ['--trim-at=train state built,first step'], {}),
     'torch': ('torch', [], {}),
     'torch, malloc_trim at each stage': ('torch', ['--trim'], {}),
 }
@@ -63,16 +71,17 @@ def rss() -> tuple[int, int]:
 class Stages:
   """Records (name, RSS, peak RSS, seconds since start) at each stage."""
 
-  def __init__(self, trim: bool = False):
-    self.t0, self.rows, self.trim = time.perf_counter(), [], trim
+  def __init__(self, trim: bool = False, trim_at: tuple = ()):
+    self.t0, self.rows, self.trim, self.trim_at = time.perf_counter(), [], trim, trim_at
 
   def __call__(self, name: str) -> None:
     now, peak = rss()
     row = [name, now, peak, time.perf_counter() - self.t0]
-    if self.trim:
+    if self.trim or name in self.trim_at:
       # What glibc holds freed but not returned to the system, against what is live.
       import ctypes
       ctypes.CDLL('libc.so.6').malloc_trim(0)
+    if self.trim:
       row.append(rss()[0])
     self.rows.append(row)
 
@@ -120,6 +129,8 @@ def run_jax(args, stages: Stages) -> dict:
   state = jax.block_until_ready(
       state_lib.create_train_state(params, tx, extra=objective.init_extra()))
   del params
+  if args.clear_caches:
+    jax.clear_caches()  # drops the init's executable (nothing else is compiled yet)
   stages('train state built')
 
   step = step_lib.make_train_step(objective, tx, batch_size=args.batch,
@@ -191,7 +202,7 @@ def run_torch(args, stages: Stages) -> dict:
 
 
 def one(args) -> None:
-  stages = Stages(args.trim)
+  stages = Stages(args.trim, tuple(filter(None, args.trim_at.split(','))))
   stages('python started')
   extra = (run_jax if args.side == 'jax' else run_torch)(args, stages)
   print(json.dumps({'side': args.side, 'stages': stages.rows, **extra}))
@@ -231,6 +242,10 @@ def main():
   p.add_argument('--no-xla-tuning', action='store_true', help="Skip diffjax's XLA:CPU flags.")
   p.add_argument('--trim', action='store_true',
                  help="Call glibc's malloc_trim(0) after each stage and record RSS after it too.")
+  p.add_argument('--clear-caches', action='store_true',
+                 help='jax.clear_caches() once the state is built (frees the init executable).')
+  p.add_argument('--trim-at', default='',
+                 help="Comma-separated stages after which to call malloc_trim(0) (not recorded).")
   p.add_argument('--torch-python', default=sys.executable,
                  help='The interpreter that has torch and diffusers (for the torch variant).')
   args = p.parse_args()

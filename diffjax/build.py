@@ -112,8 +112,11 @@ def build_denoiser(config, spec) -> precond_lib.Denoiser:
   return precond_lib.Denoiser(build_network(config, spec), build_precond(config))
 
 
-def build_optimizer(config):
+def build_optimizer(config, *, step0: int = 0, images_at_step0: float = 0.0):
   """Adam of config.optim; EDM2's lr decay (optim.lr_decay_images) and forced weight norm.
+
+  step0, images_at_step0: where the lr schedule's image count starts (`state.images_seen`); a
+  run resumed with another batch size passes its segment's (`runs.progress`).
 
   In float16 (`compute_dtype`) the whole chain is wrapped in `state.dynamic_loss_scale`.
 
@@ -126,7 +129,7 @@ def build_optimizer(config):
   tx = state_lib.make_optimizer(
       o.lr, config.train.batch_size, rampup_images=o.lr_rampup_images, b1=o.b1, b2=o.b2,
       eps=o.eps, grad_clip=o.grad_clip, decay_images=float(o.get('lr_decay_images', 0.0)),
-      project=project)
+      project=project, step0=step0, images_at_step0=images_at_step0)
   if compute_dtype(config) == 'float16':
     # float16 gradients underflow without a loss scale (bfloat16 has float32's exponent range).
     t = config.train

@@ -30,6 +30,7 @@ from diffjax import build, runs
 from diffjax import ema as ema_lib
 from diffjax import state as state_lib
 from diffjax.runs import checkpoint as ckpt_lib
+from diffjax.runs import progress
 from diffjax.training import loop as loop_lib
 from diffjax.training import step as step_lib
 
@@ -98,10 +99,12 @@ def reconstruct(workdir: str, std: float, step: Optional[int] = None) -> Reconst
           f'There is no checkpoint step {step} in {workdir} (steps: '
           f'{", ".join(map(str, steps)) or "none"}); pass one of them, or no --step.')
     used = [s for s in steps if 0 < s <= step]
-    batch = float(config.train.batch_size)
+    # Snapshot times in images seen (runs.progress: the batch size may have changed on a resume).
+    segments = progress.read_segments(workdir, int(config.train.batch_size))
     keys = [ema_lib.profile_key(s) for s in stds]
-    times = np.repeat(np.asarray(used, np.float64) * batch, len(stds))
-    coefs = ema_lib.posthoc_coefficients(times, np.tile(stds, len(used)), step * batch, std)[:, 0]
+    times = np.repeat([float(progress.images_at(segments, s)) for s in used], len(stds))
+    coefs = ema_lib.posthoc_coefficients(times, np.tile(stds, len(used)),
+                                         float(progress.images_at(segments, step)), std)[:, 0]
     total, last, snapshots = None, None, []
     for i, s in enumerate(used):
       # Each snapshot is restored, verified against its fingerprints and folded in, one at a time.

@@ -9,7 +9,6 @@ samples only what is missing, bitwise as an uninterrupted run would.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import re
@@ -25,6 +24,8 @@ from diffjax import build, parallel, runs
 from diffjax import images as images_lib
 from diffjax import samplers as samplers_lib
 from diffjax.precond import Denoiser
+from diffjax.runs import files
+from diffjax.runs import shards as shards_lib
 
 log = logging.getLogger(__name__)
 
@@ -255,86 +256,31 @@ def default_labels(seeds: Sequence[int], num_classes: int, class_label: Optional
 
 
 SHARD_DIR = 'shards'         # OUT/shards/: finished batches of a sample_run, for resuming
-SETTINGS_FILE = 'settings.json'
+SETTINGS_FILE = shards_lib.SETTINGS_FILE
 GRID_MAX = 1024              # grid.png shows the first this many samples
 _SHARD_FORMAT = 1
-
-
-def canonical_settings(value):
-  """`value` as JSON would give it back (tuples as lists, keys as strings)."""
-  return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-def _differences(old, new, prefix: str = '') -> list[str]:
-  """The dotted keys whose values differ between two JSON-like dicts."""
-  if isinstance(old, dict) and isinstance(new, dict):
-    return [d for k in sorted(set(old) | set(new))
-            for d in _differences(old.get(k), new.get(k), f'{prefix}{k}.')]
-  return [] if old == new else [prefix.rstrip('.') or 'all']
-
-
-def open_shard_dir(directory: str, settings: dict, what: str) -> None:
-  """Makes a resumable shard folder ready: removes files a kill cut short, then checks that earlier
-  shards were made with `settings` (or records them, for a new folder).
-
-  Args:
-    directory: the shard folder (made if missing).
-    settings: canonical JSON (`canonical_settings`) of everything the shards depend on.
-    what: what the shards hold, for the message ('samples', 'feature statistics').
-
-  Raises:
-    ValueError: the folder holds shards of other settings (one sentence naming the keys).
-  """
-  os.makedirs(directory, exist_ok=True)
-  for name in os.listdir(directory):
-    if name.startswith('.tmp-'):  # a write cut short by a kill
-      os.remove(os.path.join(directory, name))
-  path = os.path.join(directory, SETTINGS_FILE)
-  if not os.path.exists(path):
-    write_whole(path, lambda f: f.write(json.dumps(settings, indent=2).encode()))
-    return
-  with open(path) as f:
-    try:
-      differ = _differences(json.load(f), settings)
-    except ValueError:
-      differ = [f'{SETTINGS_FILE} is unreadable']
-  if differ:
-    shown = ', '.join(differ[:6]) + (f' and {len(differ) - 6} more' if len(differ) > 6 else '')
-    raise ValueError(f'{directory} holds {what} made with other settings ({shown}); pass another '
-                     f'--out, or delete {directory} to start over.')
-
-
-def write_whole(path: str, write: Callable) -> None:
-  """Writes a file aside, syncs it and renames it into place: it appears whole or not at all,
-  also after a hard kill or a lost machine."""
-  directory, name = os.path.split(path)
-  tmp = os.path.join(directory, f'.tmp-{os.getpid()}-{name}')
-  with open(tmp, 'wb') as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+# Where they live now (`runs.shards`, `runs.files`); kept here for callers of the old names.
+canonical_settings, open_shard_dir = shards_lib.canonical_settings, shards_lib.open_shard_dir
+write_whole = files.write_whole
 
 
 class _Shards:
   """OUT/shards/: one .npz per finished batch (images, seeds, labels) and the settings they were
-  sampled with. Process 0 only."""
+  sampled with. Process 0 only. OUT is local or a URL (`runs.files`)."""
 
-  def __init__(self, out: str, settings: dict):
-    self.out = out
-    self.dir = os.path.join(out, SHARD_DIR)
+  def __init__(self, out: files.PathLike, settings: dict):
+    self.out = files.path(out)
+    self.dir = self.out / SHARD_DIR
     self.settings = canonical_settings(settings)
-    self.index: dict[int, Tuple[str, int]] = {}  # seed -> (shard file, row)
+    self.index: dict[int, Tuple[os.PathLike, int]] = {}  # seed -> (shard file, row)
 
   def open(self) -> None:
     """Checks the settings of earlier shards, then indexes them (removing half-written ones)."""
     open_shard_dir(self.dir, self.settings, 'samples')
-    for name in sorted(os.listdir(self.dir)):
-      if not (name.startswith('shard-') and name.endswith('.npz')):
-        continue
-      shard = os.path.join(self.dir, name)
+    for name in shards_lib.shard_names(self.dir):
+      shard = self.dir / name
       try:
-        with np.load(shard) as z:
+        with files.read_npz(shard) as z:
           shard_seeds = z['seeds']
       except Exception as e:  # noqa: BLE001 - an unreadable shard is sampled again.
         log.warning('Ignoring the unreadable sample shard %s (%s); its seeds are sampled again.',
@@ -346,14 +292,14 @@ class _Shards:
   def write(self, seeds: np.ndarray, labels: Optional[np.ndarray], images: np.ndarray) -> None:
     seeds = np.asarray(seeds, np.int64)
     name = f'shard-{int(seeds[0]):010d}-{len(seeds):05d}-{zlib.crc32(seeds.tobytes()):08x}.npz'
-    path = os.path.join(self.dir, name)
+    path = self.dir / name
     write_whole(path, lambda f: np.savez(
         f, images=images, seeds=seeds,
         labels=np.asarray(labels if labels is not None else [], np.int32)))
     for row, seed in enumerate(seeds.tolist()):
       self.index[int(seed)] = (path, row)
 
-  def assemble(self, seeds: np.ndarray, labels, shape, out: str, keep: bool) -> Optional[np.ndarray]:
+  def assemble(self, seeds: np.ndarray, labels, shape, keep: bool) -> Optional[np.ndarray]:
     """Writes OUT/samples.npz (streamed shard by shard: memory stays bounded) and OUT/grid.png.
 
     Returns:
@@ -364,7 +310,7 @@ class _Shards:
     def image(seed: int) -> np.ndarray:
       path, row = self.index[int(seed)]
       if path not in cache:
-        with np.load(path) as z:
+        with files.read_npz(path) as z:
           cache[path] = z['images']
         while len(cache) > 4:
           cache.popitem(last=False)
@@ -399,41 +345,21 @@ class _Shards:
           with zf.open(f'{name}.npy', 'w', force_zip64=True) as member:
             np.lib.format.write_array(member, value)
 
-    write_whole(os.path.join(out, 'samples.npz'), write_npz)
+    write_whole(self.out / 'samples.npz', write_npz)
     png = images_lib.make_grid(np.concatenate(grid))
 
     def write_png(f) -> None:
       from PIL import Image
       Image.fromarray(png).save(f, format='PNG')
 
-    write_whole(os.path.join(out, 'grid.png'), write_png)
+    write_whole(self.out / 'grid.png', write_png)
     return np.concatenate(kept) if keep else None
 
 
-def _check_out(out: str) -> None:
-  """Raises one sentence, before any sampling, if OUT is a file or cannot be written.
-
-  Nothing is created yet (a call that fails later, e.g. on a missing checkpoint, leaves no empty
-  folder behind): the nearest existing folder must be writable.
-  """
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ValueError(f'--out {out} is a file; pass a directory (it gets grid.png, samples.npz and '
-                     f'{SHARD_DIR}/).')
-  parent = out
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise ValueError(f'--out {out} is inside {parent}, which is a file; pass a directory.')
-  # A file is written and removed, not os.access asked: that says yes to root on a directory
-  # it cannot write (immutable, a read-only mount seen through some file systems).
-  probe = os.path.join(parent, f'.write-test-{os.getpid()}')
-  try:
-    with open(probe, 'xb'):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    raise OSError(f'Cannot write to {out} ({parent}: {e.strerror or e}); pass an --out on a '
-                  'writable disk.') from e
+def _check_out(out: files.PathLike) -> None:
+  """Raises one sentence, before any sampling, if OUT is a file or cannot be written (nothing is
+  created yet: a call that fails later, e.g. on a missing checkpoint, leaves no empty folder)."""
+  files.check_writable_dir(out, '--out', f'grid.png, samples.npz and {SHARD_DIR}/')
 
 
 def _check_settings(batch_size, options: dict) -> None:
@@ -525,7 +451,7 @@ def sample_run(workdir: str, seeds, *, out: Optional[str] = None, sampler: Optio
   if class_label is not None and not build.num_classes(config, spec):
     raise ValueError('--class needs a class-conditional model; this one is unconditional.')
   default_labels(seeds, build.num_classes(config, spec), class_label)
-  out = os.path.abspath(out or os.path.join(workdir, 'samples', 'cli'))
+  out = files.path(out) if out else files.path(workdir) / 'samples' / 'cli'
   parallel.on_main(lambda: _check_out(out))
   run = runs.load(workdir, step)
   labels = default_labels(seeds, run.num_classes, class_label)
@@ -587,11 +513,11 @@ def sample_run(workdir: str, seeds, *, out: Optional[str] = None, sampler: Optio
 
   def assemble() -> None:
     try:
-      assembled['images'] = shards.assemble(seeds_array, labels, shape, out, return_images)
+      assembled['images'] = shards.assemble(seeds_array, labels, shape, return_images)
     except OSError as e:
       raise unwritable(e) from e
 
   parallel.on_main(assemble)  # every process waits: OUT is complete when any returns
   return {'images': assembled.get('images'), 'seeds': seeds_array, 'labels': labels,
-          'grid': os.path.join(out, 'grid.png'), 'npz': os.path.join(out, 'samples.npz'),
+          'grid': os.fspath(out / 'grid.png'), 'npz': os.fspath(out / 'samples.npz'),
           'found': found}

@@ -48,13 +48,26 @@ def create_train_state(params: Any, tx: optax.GradientTransformation,
                     extra={} if extra is None else extra)
 
 
+def images_seen(step, batch_size: int, step0: int = 0, images_at_step0: float = 0.0):
+  """n_img = images_at_step0 + (step − step0)·batch: images seen before step `step` (float32).
+
+  With the defaults n_img = step·batch. A run resumed with another batch size passes the start of
+  the segment it is in (`runs.progress`): step0 and the images seen by then.
+  """
+  steps = jnp.asarray(step, jnp.float32) - float(step0)
+  # Never below 0: optax's update count, which the lr schedule reads, lags the step by the skipped
+  # updates and may start before a resumed segment's step0.
+  return jnp.maximum(steps * batch_size + float(images_at_step0), 0.0)
+
+
 def learning_rate(step, base_lr: float, rampup_images: float, batch_size: int,
-                  decay_images: float = 0.0):
+                  decay_images: float = 0.0, *, step0: int = 0, images_at_step0: float = 0.0):
   """lr = base_lr · min(n_img / rampup_images, 1) / sqrt(max(n_img / decay_images, 1)).
 
-  n_img = step·batch is the number of images seen before the step. The ramp is EDM's; the
-  inverse-square-root decay is EDM2's (§2.5, lr = α_ref / sqrt(max(t/t_ref, 1)) with t_ref in
-  batches; here t_ref·batch images, so the decay stays put when the batch size changes).
+  n_img = `images_seen(step, batch_size, step0, images_at_step0)` is the number of images seen
+  before the step (step·batch by default). The ramp is EDM's; the inverse-square-root decay is
+  EDM2's (§2.5, lr = α_ref / sqrt(max(t/t_ref, 1)) with t_ref in batches; here t_ref·batch images,
+  so the decay stays put when the batch size changes).
 
   Args:
     step: optimizer steps taken (int or a traced scalar).
@@ -62,8 +75,10 @@ def learning_rate(step, base_lr: float, rampup_images: float, batch_size: int,
     rampup_images: images over which lr rises linearly from 0 (0 = no ramp).
     batch_size: global batch size.
     decay_images: t_ref in images (EDM2 ImageNet-64: 35k batches of 2048); 0 = no decay.
+    step0, images_at_step0: a step of the current batch size's segment and the images seen
+      before it (a resume with another batch size; see `images_seen`).
   """
-  nimg = jnp.asarray(step, jnp.float32) * batch_size
+  nimg = images_seen(step, batch_size, step0, images_at_step0)
   lr = base_lr * jnp.minimum(nimg / max(rampup_images, 1e-8), 1.0)
   if decay_images > 0:
     lr = lr / jnp.sqrt(jnp.maximum(nimg / decay_images, 1.0))
@@ -97,7 +112,8 @@ def project_updates(project: Callable[[Any], Any]) -> optax.GradientTransformati
 def make_optimizer(base_lr: float, batch_size: int, rampup_images: float = 0.0,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                    grad_clip: float = 0.0, weight_decay: float = 0.0, decay_images: float = 0.0,
-                   project: Optional[Callable[[Any], Any]] = None) -> optax.GradientTransformation:
+                   project: Optional[Callable[[Any], Any]] = None, step0: int = 0,
+                   images_at_step0: float = 0.0) -> optax.GradientTransformation:
   """Adam (EDM: lr 1e-3, β = (0.9, 0.999), eps 1e-8) with the image-based warm-up.
 
   Args:
@@ -111,8 +127,11 @@ def make_optimizer(base_lr: float, batch_size: int, rampup_images: float = 0.0,
     project: params -> params applied to the updated params after every step (see
       `project_updates`; EDM2's forced weight normalization); None adds nothing, so the optimizer
       state of every other model keeps its structure.
+    step0, images_at_step0: where the schedule's n_img starts (see `images_seen`); the schedule
+      reads optax's update count, which lags the step by the updates skipped as non-finite.
   """
-  schedule = lambda step: learning_rate(step, base_lr, rampup_images, batch_size, decay_images)
+  schedule = lambda step: learning_rate(step, base_lr, rampup_images, batch_size, decay_images,
+                                        step0=step0, images_at_step0=images_at_step0)
   parts = []
   if grad_clip > 0:
     parts.append(optax.clip_by_global_norm(grad_clip))
@@ -125,15 +144,17 @@ def make_optimizer(base_lr: float, batch_size: int, rampup_images: float = 0.0,
   return optax.chain(*parts)
 
 
-def ema_beta(step, batch_size: int, halflife_images: float, rampup_ratio: float | None = 0.05):
+def ema_beta(step, batch_size: int, halflife_images: float, rampup_ratio: float | None = 0.05,
+             *, step0: int = 0, images_at_step0: float = 0.0):
   """EMA decay per step: β = 0.5^(batch / max(h, 1e-8)), h = min(half-life, ratio·n_img) (EDM).
 
-  The ramp-up shortens the half-life early in training (n_img = images seen before this step),
-  so the average does not remember the random initialization; at step 0, β = 0.
+  The ramp-up shortens the half-life early in training (n_img = images seen before this step,
+  `images_seen(step, batch_size, step0, images_at_step0)`), so the average does not remember the
+  random initialization; at step 0, β = 0.
   """
   halflife = jnp.asarray(halflife_images, jnp.float32)
   if rampup_ratio is not None and rampup_ratio > 0:
-    nimg = jnp.asarray(step, jnp.float32) * batch_size
+    nimg = images_seen(step, batch_size, step0, images_at_step0)
     halflife = jnp.minimum(halflife, nimg * rampup_ratio)
   return 0.5**(batch_size / jnp.maximum(halflife, 1e-8))
 

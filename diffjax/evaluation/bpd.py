@@ -15,7 +15,6 @@ scored with the true labels, i.e. this is −log₂ p(x | c) per dimension.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Optional
@@ -30,6 +29,7 @@ from diffjax.likelihood.vlb import bits_per_dim
 from diffjax.precond import discrete as precond_discrete
 from diffjax.precond import sde as precond_sde
 from diffjax.processes import sde as sde_lib
+from diffjax.runs import files
 from diffjax.samplers import noise
 
 
@@ -124,12 +124,10 @@ def evaluate_bpd(workdir: str, *, split: str = 'test', num_examples: Optional[in
       'epsilon': kwargs.get('epsilon', sde_lib.TRAIN_EPSILON), 'ema': ema,
       'seconds': round(time.time() - start, 1),
   }
-  out = out or os.path.join(workdir, 'eval', f'bpd_{run.step:08d}_{split}.json')
+  out = out or os.fspath(files.path(workdir) / 'eval' / f'bpd_{run.step:08d}_{split}.json')
   result['json'] = out
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, 'w') as f:
-      json.dump(result, f, indent=2)
+    files.write_json(out, result)
   return result
 
 
@@ -215,11 +213,9 @@ def evaluate_bpd_vlb(workdir: str, *, split: str = 'test', num_images: Optional[
   summary.update(step=run.step, split=split, variance=variance, clip_denoised=clip_denoised,
                  dataset=run.config.data.name)
   if jax.process_index() == 0:
-    path = out or os.path.join(workdir, 'eval', f'bpd_vlb_{run.step:08d}.json')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(summary, f, indent=2)
-    np.savez(os.path.splitext(path)[0] + '.npz',
-             **{k: v for k, v in result.items() if isinstance(v, np.ndarray)})
+    path = out or os.fspath(files.path(workdir) / 'eval' / f'bpd_vlb_{run.step:08d}.json')
+    files.write_json(path, summary)
+    files.write_npz(os.path.splitext(path)[0] + '.npz',
+                    **{k: v for k, v in result.items() if isinstance(v, np.ndarray)})
     summary['out'] = path
   return summary

@@ -14,6 +14,7 @@ from diffjax import build, runs, sampling
 from diffjax import images as images_lib
 from diffjax.evaluation import digits_classifier
 from diffjax.objectives import distill as distill_lib
+from diffjax.runs import files
 from diffjax.samplers import distilled as distilled_samplers
 from diffjax.training import distill as distill_loop
 
@@ -77,14 +78,13 @@ def evaluate_digits(workdir: str, *, num_images: int = 1000, guidance: Optional[
   w = float(d.sample_guidance if guidance is None else guidance)
   seeds = list(range(num_images))
   labels = np.asarray(seeds) % 10
-  out_dir = os.path.join(workdir, 'eval')
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = files.path(workdir) / 'eval'
   rows = []
   for stage in distill_loop.plan(config, workdir):
     if stages is not None and stage.name not in stages:
       continue
     c = distill_loop.stage_config(config, stage, distill_loop._teacher_config(config, workdir))
-    if distill_loop._finished_step(stage.workdir) < distill_loop.stage_steps(c):
+    if distill_loop._finished_step(stage.workdir) < distill_loop.stage_steps(c, stage.workdir):
       continue
     run_ = runs.load(stage.workdir)
     jobs = []
@@ -108,11 +108,10 @@ def evaluate_digits(workdir: str, *, num_images: int = 1000, guidance: Optional[
       row = {'stage': stage.name, 'sampler': sampler, 'num_steps': n, 'nfe': nfe, 'guidance': w,
              **{k: float(v) for k, v in metrics.items()}}
       rows.append(row)
-      images_lib.save_grid(images[:100], os.path.join(
-          out_dir, f'{stage.name}_{sampler}_{n}_w{w:g}.png'), ncols=10)
+      files.write_png(out_dir / f'{stage.name}_{sampler}_{n}_w{w:g}.png',
+                      images_lib.make_grid(images[:100], 10))
       print(json.dumps(row), flush=True)
-  with open(os.path.join(out_dir, f'summary_w{w:g}.json'), 'w') as f:
-    json.dump(rows, f, indent=2)
+  files.write_json(out_dir / f'summary_w{w:g}.json', rows)
   return rows
 
 
@@ -143,15 +142,12 @@ def evaluate_style_transfer_digits(workdir: str, *, encoder_stage: str, decoder_
             'decode_steps': decode_steps, 'guidance': guidance, 'shift': shift,
             'accuracy': float(metrics['accuracy']), 'fd': float(metrics['fd']),
             'source_accuracy': float(np.mean(np.argmax(np.asarray(logits), -1) == source))}
-  out_dir = os.path.join(workdir, 'eval')
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = files.path(workdir) / 'eval'
   pick = np.concatenate([np.flatnonzero(source == c)[:2] for c in range(10)])
   src_u8 = images_lib.to_uint8(x)
   rows = np.concatenate([src_u8[pick][:10], out_u8[pick][:10], src_u8[pick][10:],
                          out_u8[pick][10:]])
-  images_lib.save_grid(rows, os.path.join(
-      out_dir, f'transfer_{encoder_stage}_{decoder_stage}_w{guidance:g}.png'), ncols=10)
-  with open(os.path.join(out_dir, f'transfer_{encoder_stage}_{decoder_stage}_w{guidance:g}.json'),
-            'w') as f:
-    json.dump(result, f, indent=2)
+  name = f'transfer_{encoder_stage}_{decoder_stage}_w{guidance:g}'
+  files.write_png(out_dir / f'{name}.png', images_lib.make_grid(rows, 10))
+  files.write_json(out_dir / f'{name}.json', result)
   return result

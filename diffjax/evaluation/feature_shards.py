@@ -32,12 +32,13 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from diffjax import sampling
+from diffjax.runs import files
+from diffjax.runs import shards as shards_lib
 
 log = logging.getLogger(__name__)
 
 SHARD_DIR = 'shards'           # OUT/shards/ of an evaluation (OUT = the result JSON without .json)
-SETTINGS_FILE = sampling.SETTINGS_FILE
+SETTINGS_FILE = shards_lib.SETTINGS_FILE
 DEFAULT_SHARD_SIZE = 5120      # seeds per shard: 10 shards for 50k; a multiple of common batches
 FORMAT = 1
 
@@ -103,9 +104,10 @@ class FeatureShards:
       reference, metrics, feature weights, shard size).
   """
 
-  def __init__(self, directory: str, settings: dict):
-    self.dir = directory
-    self.settings = sampling.canonical_settings(settings)
+  def __init__(self, directory: files.PathLike, settings: dict):
+    self._root = files.path(directory)  # local or a URL (`runs.files`)
+    self.dir = os.fspath(self._root)     # as text: it goes into the result JSON
+    self.settings = shards_lib.canonical_settings(settings)
     self.done: set[str] = set()
 
   def open(self) -> list[str]:
@@ -119,16 +121,14 @@ class FeatureShards:
       ValueError: the folder holds shards of other settings (one sentence naming what differs).
       OSError: the folder cannot be made or written.
     """
-    sampling.open_shard_dir(self.dir, self.settings, 'feature statistics')
-    for name in sorted(os.listdir(self.dir)):
-      if not (name.startswith('shard-') and name.endswith('.npz')):
-        continue
+    shards_lib.open_shard_dir(self._root, self.settings, 'feature statistics')
+    for name in shards_lib.shard_names(self._root):
       try:
-        with np.load(os.path.join(self.dir, name)) as z:
+        with files.read_npz(self._root / name) as z:
           ok = shard_name(z['seeds']) == name
       except Exception as e:  # noqa: BLE001 - an unreadable shard is evaluated again.
         log.warning('Ignoring the unreadable feature shard %s (%s); its seeds are evaluated again.',
-                    os.path.join(self.dir, name), e)
+                    self._root / name, e)
         continue
       if ok:
         self.done.add(name)
@@ -138,8 +138,7 @@ class FeatureShards:
     """Writes a shard: the sink state of exactly these seeds."""
     seeds = np.asarray(seeds, np.int64)
     name = shard_name(seeds)
-    sampling.write_whole(os.path.join(self.dir, name),
-                          lambda f: np.savez(f, seeds=seeds, **state))
+    files.write_whole(self._root / name, lambda f: np.savez(f, seeds=seeds, **state))
     self.done.add(name)
 
   def read(self, seeds: Sequence[int]) -> dict[str, np.ndarray]:
@@ -148,13 +147,12 @@ class FeatureShards:
     Raises:
       OSError: the shard vanished or cannot be read.
     """
-    path = os.path.join(self.dir, shard_name(seeds))
+    path = self._root / shard_name(seeds)
     try:
-      with np.load(path) as z:
+      with files.read_npz(path) as z:
         return {k: z[k] for k in z.files if k != 'seeds'}
     except Exception as e:  # noqa: BLE001 - zip, zlib and npy errors alike: evaluate it again.
-      self.done.discard(os.path.basename(path))
-      if os.path.exists(path):
-        os.remove(path)  # so that the rerun evaluates its seeds again
+      self.done.discard(path.name)
+      files.remove(path)  # so that the rerun evaluates its seeds again
       raise OSError(f'Cannot read the feature shard {path} ({e}); it was removed: rerun the same '
                     'command to evaluate its seeds again.') from e

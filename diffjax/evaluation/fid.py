@@ -30,6 +30,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from diffjax.runs import files
+
 __all__ = [
   'Statistics',
   'StreamingStats',
@@ -88,18 +90,13 @@ def statistics_from_features(features: np.ndarray) -> Statistics:
   return Statistics(f.mean(0), np.cov(f, rowvar=False), f.shape[0])
 
 
-def save_statistics(path: str | os.PathLike, stats: Statistics) -> None:
+def save_statistics(path: files.PathLike, stats: Statistics) -> None:
   """Writes statistics as `.npz` with keys `mu`, `sigma` (NVlabs/edm's reference format), plus `n` if known."""
-  path = os.fspath(path)
-  if os.path.dirname(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
   arrays = {'mu': np.asarray(stats.mu, np.float64), 'sigma': np.asarray(stats.sigma, np.float64)}
   if stats.n is not None:
     arrays['n'] = np.int64(stats.n)
-  # Write to a temporary name and rename, so an interrupted write never leaves a truncated reference file.
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  # Written whole (aside and renamed; one object on a store): never a truncated reference file.
+  files.write_npz(path, **arrays)
 
 
 def load_statistics(path: str | os.PathLike) -> Statistics:
@@ -109,12 +106,12 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
     FileNotFoundError / ValueError: with the path and what is wrong.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not files.path(path).is_file():
     raise FileNotFoundError(
       f'No reference statistics at {path}. Make them with `evaluate.py ref --dataset=... --out={path}`, or '
       'download the NVlabs/edm reference .npz for the dataset.'
     )
-  with np.load(path) as data:
+  with files.read_npz(path) as data:
     if 'mu' not in data or 'sigma' not in data:
       raise ValueError(
         f'{path} has keys {sorted(data.files)}; reference statistics need `mu` and `sigma`.'

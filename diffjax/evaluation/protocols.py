@@ -24,7 +24,6 @@ KID needs reference *features*, so it works with every form except a statistics-
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -50,6 +49,7 @@ from diffjax.evaluation.references import (
   parse_metrics,
 )
 from diffjax.evaluation.sources import array_source, file_source
+from diffjax.runs import files
 
 PROTOCOLS = ('edm3',)
 
@@ -133,13 +133,9 @@ def _digits_result_name(step: int, sampler: str, steps: int, guidance: float, kw
 
 
 def _write_json(path: str, result: dict) -> None:
-  if not parallel.is_main_process():
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(result, f, indent=2)
-  os.replace(tmp, path)
+  """Process 0 writes the result whole (local or an object store, through `runs.files`)."""
+  if parallel.is_main_process():
+    files.write_json(path, result)
 
 
 def evaluate_fid(workdir: str, ref: str, *, num_images: int = 50_000,
@@ -262,7 +258,8 @@ def evaluate_fid(workdir: str, ref: str, *, num_images: int = 50_000,
         merged.absorb(shards.read(set_seeds[group]))
       features = merged.result()
       if k == 0 and features.preview is not None and len(features.preview):
-        images_lib.save_grid(features.preview, os.path.splitext(out)[0] + '.png', ncols=10)
+        files.write_png(os.path.splitext(out)[0] + '.png',
+                        images_lib.make_grid(features.preview, ncols=10))
       entry = compute_metrics(features, reference, metrics, is_splits=is_splits,
                               kid_subset_size=kid_subset_size)
       entry['seeds'] = _seed_text(set_seeds)
@@ -399,12 +396,10 @@ def evaluate_digits(
     first_seed=first_seed,
     **_option_values(sampler_kwargs),
   )
-  out_dir = os.path.join(workdir, 'eval')
-  os.makedirs(out_dir, exist_ok=True)
-  base = os.path.join(out_dir, _digits_result_name(run.step, name, steps, guidance, sampler_kwargs,
-                                                   num_images, first_seed))
-  with open(base + '.json', 'w') as f:
-    json.dump(metrics, f, indent=2)
-  images_lib.save_grid(images[:100], base + '.png', ncols=10)
+  base = os.path.join(workdir, 'eval', _digits_result_name(run.step, name, steps, guidance,
+                                                           sampler_kwargs, num_images, first_seed))
+  _write_json(base + '.json', metrics)
+  if parallel.is_main_process():
+    files.write_png(base + '.png', images_lib.make_grid(images[:100], ncols=10))
   metrics['json'] = base + '.json'
   return metrics

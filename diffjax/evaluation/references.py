@@ -18,6 +18,7 @@ from diffjax import parallel
 from diffjax.evaluation import fid
 from diffjax.evaluation.features import Features, source_features
 from diffjax.evaluation.sources import dataset_source, file_source
+from diffjax.runs import files
 
 METRICS = ('fid', 'is', 'kid', 'fd_dinov2')
 _INCEPTION_METRICS = ('fid', 'is', 'kid')
@@ -155,8 +156,6 @@ def save_reference(path: str, stats, features: Optional[np.ndarray] = None, dino
   if features is None and dinov2 is None:
     fid.save_statistics(path, stats)
     return path
-  if os.path.dirname(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
   arrays = {'n': np.int64((stats or dinov2).n)}
   if stats is not None:
     arrays.update(mu=np.asarray(stats.mu, np.float64), sigma=np.asarray(stats.sigma, np.float64))
@@ -165,9 +164,7 @@ def save_reference(path: str, stats, features: Optional[np.ndarray] = None, dino
   if dinov2 is not None:
     arrays.update(dinov2_mu=np.asarray(dinov2.mu, np.float64),
                   dinov2_sigma=np.asarray(dinov2.sigma, np.float64))
-  tmp = path + '.tmp.npz'  # written whole, then renamed: never a truncated reference file
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  files.write_npz(path, **arrays)  # written whole: never a truncated reference file
   return path
 
 

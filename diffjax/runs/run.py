@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Callable, Optional
 
@@ -21,6 +22,8 @@ from diffjax import precond as precond_lib
 from diffjax import state as state_lib
 from diffjax.runs import checkpoint as ckpt_lib
 from diffjax.runs import files
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -40,12 +43,92 @@ def save_config(config, workdir: files.PathLike) -> None:
 
 
 def read_config(workdir: files.PathLike) -> ml_collections.ConfigDict:
-  """The config.json of a run's workdir (local path or URL)."""
+  """The config.json of a run's workdir (local path or URL), with its missing fields dealt with.
+
+  A field missing inside a section (an older diffjax wrote the file, or it was edited) is filled
+  from `FILLED_DEFAULTS` with a warning where nothing saved depends on it (sampling defaults, the
+  optimizer's hyperparameters, memory and data-location settings), and refused in one sentence
+  (`MissingConfigField`) where the checkpoints do (`REQUIRED_FIELDS`: the network, the
+  preconditioning, the loss, the data). Missing sections are left to `check_run_config`, and a
+  distillation root's config (no model of its own) is returned as it is.
+
+  Raises:
+    FileNotFoundError: no config.json there.
+    MissingConfigField: a field the checkpoints depend on is missing.
+  """
   path = files.path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(
         f'{workdir} is not a diffjax run (no {CONFIG_FILE}); pass the --workdir of a train.py run.')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  if not _is_distill_root(config):
+    _complete(config, os.fspath(path))
+  return config
+
+
+# Fields a checkpoint depends on (its network's shape and meaning, what it was trained on): a
+# config.json without one cannot be rebuilt from, and is refused.
+REQUIRED_FIELDS = ('data.name', 'data.conditional', 'model.preset', 'model.kwargs',
+                   'precond.name', 'precond.kwargs', 'loss.name', 'loss.kwargs', 'augment.p',
+                   'train.batch_size')
+
+# Fields nothing saved depends on, filled (with a warning) when a config.json lacks them: what
+# configs/common.base_config gives every run (a test keeps the two in step).
+FILLED_DEFAULTS = {
+    'data.data_dir': '', 'data.x_flip': False, 'data.skip_bad_images': False,
+    'model.remat': 'none',
+    'optim.lr': 1e-3, 'optim.b1': 0.9, 'optim.b2': 0.999, 'optim.eps': 1e-8,
+    'optim.lr_rampup_images': 10e6, 'optim.grad_clip': 0.0,
+    'train.compute_dtype': 'float32',
+    'sample.sampler': 'heun', 'sample.num_steps': 18,
+    'sample.kwargs': {'s_churn': 0.0, 's_tmin': 0.0, 's_tmax': float('inf'), 's_noise': 1.0},
+    'sample.guidance': 0.0,
+}
+
+
+class MissingConfigField(KeyError):
+  """A run's config.json lacks a field its checkpoints depend on (the message says which)."""
+
+  def __str__(self) -> str:
+    return str(self.args[0]) if self.args else super().__str__()
+
+
+_warned: set = set()  # (file, field) already warned about in this process
+
+
+def _complete(config, where: str) -> None:
+  """Fills `FILLED_DEFAULTS` missing from `config`'s sections (warning once per file and field)
+  and refuses a missing `REQUIRED_FIELDS` one; sections that are missing are left as they are."""
+
+  def section(key: str):
+    node = config.get(key.split('.')[0])
+    return node if hasattr(node, 'keys') else None
+
+  missing = [k for k in REQUIRED_FIELDS
+             if section(k) is not None and k.split('.')[1] not in section(k)]
+  if missing:
+    them, values = ('them', 'values') if len(missing) > 1 else ('it', 'value')
+    raise MissingConfigField(
+        f'{where} has no {", ".join(missing)}; it was written by an older diffjax or edited, and '
+        f'the run\'s checkpoints depend on {them}: add {them} with the {values} the run was '
+        'trained with (its configs/FILE.py preset), or train a new run.')
+  filled = []
+  for key, value in FILLED_DEFAULTS.items():
+    node, name = section(key), key.split('.')[1]
+    if node is not None and name not in node:
+      node[name] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+      if (where, key) not in _warned:
+        _warned.add((where, key))
+        filled.append(f'{key}={value!r}')
+  if filled:
+    log.warning('%s has no %s; it was written by an older diffjax or edited: using the default%s '
+                '(add the key%s to it to keep another value).', where, ', '.join(filled),
+                's' if len(filled) > 1 else '', 's' if len(filled) > 1 else '')
+
+
+def _is_distill_root(config) -> bool:
+  """True for distill.py's WORKDIR config (the pipeline's, not a model's: its runs are stages)."""
+  return 'distill' in config and 'stage' not in config.distill
 
 
 # The sections `load` and sample.py read (configs/common.base_config has them all).
@@ -58,7 +141,7 @@ def check_run_config(config, workdir: str) -> None:
   A distillation root (distill.py's WORKDIR) holds the pipeline's config, not a model: its runs
   are its stage folders (`training.distill.plan`), and the sentence lists those there.
   """
-  if 'distill' in config and 'stage' not in config.distill:
+  if _is_distill_root(config):
     root = files.path(workdir)
     stages = sorted((d.name for d in root.iterdir() if (d / CONFIG_FILE).is_file()),
                     key=_stage_order)

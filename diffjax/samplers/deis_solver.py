@@ -92,14 +92,14 @@ def deis(denoise_fn: DenoiseFn, x, sigmas, *, key=None, order: int = 3,
   inputs['c'] = jnp.asarray(coeffs, p.dtype)
 
   def step(carry, s, finish):
-    x, past = carry  # past: ε_{i−1}, …, ε_{i−order+1}
+    x, history = carry  # ε_i, …, ε_{i−order+1} once ε_i is pushed (`stepping.ring`)
     eps = (x - p.denoise(x, s['sigma'])) / s['sigma']
-    history = (eps,) + past
-    x = x + sum(s['c'][j] * history[j] for j in range(order))
-    return x, history[:-1]
+    history = stepping.ring_push(history, eps, s['i'])
+    x = x + sum(s['c'][j] * stepping.ring_get(history, s['i'], j) for j in range(order))
+    return x, history
 
-  past = tuple(jnp.zeros_like(p.x) for _ in range(order - 1))
-  return p.unflatten(stepping.scan_steps(step, (p.x, past), inputs)[0])
+  carry = (p.x, stepping.ring(p.x, order))
+  return p.unflatten(stepping.scan_steps(step, carry, inputs)[0])
 
 
 registry.add('sampler', 'deis', stepping.registry_form(deis, 'deis'))

@@ -177,14 +177,14 @@ def lms(denoise_fn: DenoiseFn, x, sigmas, *, key=None, order: int = 4):
   inputs['c'] = jnp.asarray(coeffs, p.dtype)
 
   def step(carry, s, finish):
-    x, past = carry  # past: d_{i−1}, …, d_{i−order+1}
+    x, history = carry  # d_i, …, d_{i−order+1} once d_i is pushed (`stepping.ring`)
     d = (x - p.denoise(x, s['sigma'])) / s['sigma']
-    history = (d,) + past
-    x = x + sum(s['c'][j] * history[j] for j in range(order))
-    return x, history[:-1]
+    history = stepping.ring_push(history, d, s['i'])
+    x = x + sum(s['c'][j] * stepping.ring_get(history, s['i'], j) for j in range(order))
+    return x, history
 
-  past = tuple(jnp.zeros_like(p.x) for _ in range(order - 1))
-  return p.unflatten(stepping.scan_steps(step, (p.x, past), inputs)[0])
+  carry = (p.x, stepping.ring(p.x, order))
+  return p.unflatten(stepping.scan_steps(step, carry, inputs)[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,11 +433,13 @@ def dpmpp_2m(denoise_fn: DenoiseFn, x, sigmas, *, key=None):
   inputs = p.inputs(**stepping.tables(p, make, p.sigmas))
 
   def step(carry, s, finish):
-    x, old = carry
+    x, history = carry  # D_i, D_{i−1} (`stepping.ring`)
     denoised = p.denoise(x, s['sigma'])
-    return s['x_x'] * x + s['x_d'] * denoised + s['x_old'] * old, denoised
+    history = stepping.ring_push(history, denoised, s['i'])
+    denoised, old = (stepping.ring_get(history, s['i'], j) for j in (0, 1))
+    return s['x_x'] * x + s['x_d'] * denoised + s['x_old'] * old, history
 
-  carry = (p.x, jnp.zeros_like(p.x))
+  carry = (p.x, stepping.ring(p.x, 2))
   return p.unflatten(stepping.scan_steps(step, carry, inputs)[0])
 
 
@@ -490,14 +492,16 @@ def dpmpp_2m_sde(denoise_fn: DenoiseFn, x, sigmas, *, key=None, eta: float = 1.0
   noise_fn = _noise_fn(p, noise_sampler, key, stochastic)
 
   def step(carry, s, finish):
-    x, old = carry
+    x, history = carry  # D_i, D_{i−1} (`stepping.ring`)
     denoised = p.denoise(x, s['sigma'])
+    history = stepping.ring_push(history, denoised, s['i'])
+    denoised, old = (stepping.ring_get(history, s['i'], j) for j in (0, 1))
     x = s['x_x'] * x + s['x_d'] * denoised + s['x_old'] * old
     if noise_fn is not None:
       x = x + noise_fn(s['i'], 0, s['sigma'], s['sigma_next']) * s['noise']
-    return x, denoised
+    return x, history
 
-  carry = (p.x, jnp.zeros_like(p.x))
+  carry = (p.x, stepping.ring(p.x, 2))
   return p.unflatten(stepping.scan_steps(step, carry, inputs)[0])
 
 
@@ -552,14 +556,16 @@ def dpmpp_3m_sde(denoise_fn: DenoiseFn, x, sigmas, *, key=None, eta: float = 1.0
   noise_fn = _noise_fn(p, noise_sampler, key, stochastic)
 
   def step(carry, s, finish):
-    x, old_1, old_2 = carry
+    x, history = carry  # D_i, D_{i−1}, D_{i−2} (`stepping.ring`)
     denoised = p.denoise(x, s['sigma'])
+    history = stepping.ring_push(history, denoised, s['i'])
+    denoised, old_1, old_2 = (stepping.ring_get(history, s['i'], j) for j in range(3))
     x = s['x_x'] * x + s['x_d'] * denoised + s['x_1'] * old_1 + s['x_2'] * old_2
     if noise_fn is not None:
       x = x + noise_fn(s['i'], 0, s['sigma'], s['sigma_next']) * s['noise']
-    return x, denoised, old_1
+    return x, history
 
-  carry = (p.x, jnp.zeros_like(p.x), jnp.zeros_like(p.x))
+  carry = (p.x, stepping.ring(p.x, 3))
   return p.unflatten(stepping.scan_steps(step, carry, inputs)[0])
 
 

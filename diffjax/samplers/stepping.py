@@ -198,6 +198,42 @@ def step_orders(xp, num_steps: int, order: int, lower_order_final: bool):
 
 
 # ------------------------------------------------------------------------------------------------
+# A multistep solver's history: a ring of images written in place.
+#
+# Carrying the last k denoiser outputs as k separate arrays rotated through the scan carry
+# ((D_i, D_{i−1}) ← (D_{i−1}, D_{i−2})) makes XLA:CPU copy every carried image every step: each
+# output slot of the loop is written while another slot it reads is still live, so copy insertion
+# duplicates all of them (3 copies of a 196 kB image per step for DPM-Solver++(2M), 7 for LMS-4 and
+# UniPC; 2M's overhead per NFE fell from 34–71 to 9–16 µs on the trivial-denoiser benchmark). One
+# [k, B, D] buffer that the step first writes D_i into (slot i mod k, which held D_{i−k}, no longer
+# needed) and then reads from by index has no such cycle: the write is an in-place
+# dynamic-update-slice and nothing is copied (benchmarks/NOTES.md, 2026-12-07b;
+# tests/samplers/test_solver_loop_copies.py). Slots not yet written hold zeros, as the rotated
+# tuples did, and the solvers read D_i back from the ring too: the samples are bitwise those of the
+# rotated form.
+
+
+def ring(x: jax.Array, size: int) -> jax.Array:
+  """An empty history of `size` images like x: zeros [size, *x.shape]."""
+  return jnp.zeros((size,) + x.shape, x.dtype)
+
+
+def ring_push(history: jax.Array, value: jax.Array, i) -> jax.Array:
+  """The history with step i's value in slot i mod size (over the value of step i − size).
+
+  Push before reading step i's combination, so that the loop never holds two versions of the
+  buffer (see above).
+  """
+  return lax.dynamic_update_index_in_dim(history, value.astype(history.dtype),
+                                         i % history.shape[0], 0)
+
+
+def ring_get(history: jax.Array, i, j: int) -> jax.Array:
+  """The value pushed at step i − j (0 <= j < size; zeros before step 0)."""
+  return lax.dynamic_index_in_dim(history, (i - j) % history.shape[0], 0, keepdims=False)
+
+
+# ------------------------------------------------------------------------------------------------
 # One scan over the steps, with the second denoiser call paid only where a step needs it.
 
 

@@ -143,18 +143,21 @@ def unipc(denoise_fn: DenoiseFn, x, sigmas, *, key=None, order: int = 3,
   p = stepping.setup(denoise_fn, x, sigmas)
   inputs = p.inputs(**stepping.tables(p, unipc_tables, p.sigmas, order, solver_type,
                                       lower_order_final, corrector))
+  # The D̃'s live in a ring (`stepping.ring`): rotated through the carry, XLA:CPU copied each of
+  # them every step. x̃ and x_{i−1} are both fresh outputs of the step, which needs no copy.
 
   def step(carry, s, finish):
-    x_pred, x_prev, d_1, d_2, d_3 = carry
+    x_pred, x_prev, history = carry
     denoised = p.denoise(x_pred, s['sigma'])
+    history = stepping.ring_push(history, denoised, s['i'])
+    denoised, d_1, d_2, d_3 = (stepping.ring_get(history, s['i'], j) for j in range(4))
     # UniC on the previous step's result, with the evaluation at its predicted point.
     x = (s['c_pred'] * x_pred + s['c_x'] * x_prev + s['c_new'] * denoised + s['c_0'] * d_1
          + s['c_1'] * d_2 + s['c_2'] * d_3)
     x_next = s['p_x'] * x + s['p_0'] * denoised + s['p_1'] * d_1 + s['p_2'] * d_2
-    return x_next, x, denoised, d_1, d_2
+    return x_next, x, history
 
-  zeros = jnp.zeros_like(p.x)
-  carry = (p.x, zeros, zeros, zeros, zeros)
+  carry = (p.x, jnp.zeros_like(p.x), stepping.ring(p.x, MAX_ORDER + 1))
   return p.unflatten(stepping.scan_steps(step, carry, inputs)[0])
 
 

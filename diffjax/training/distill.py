@@ -173,8 +173,15 @@ def stage_config(config, stage: Stage, teacher_config) -> ml_collections.ConfigD
   return c
 
 
-def stage_steps(c) -> int:
-  return loop.total_steps(c)
+def stage_steps(c, workdir: Optional[str] = None) -> int:
+  """The training length of a stage in steps; with its `workdir`, of the stage as it resumes.
+
+  A stage resumed with another batch size goes on in images (`loop.resumed_total_steps`), so its
+  length in steps is the steps taken plus those the new batch size needs for the images left.
+  """
+  if workdir is None:
+    return loop.total_steps(c)
+  return loop.resumed_total_steps(c, workdir, _finished_step(workdir))
 
 
 def _finished_step(workdir: str) -> int:
@@ -250,7 +257,7 @@ def _run_stages(config, workdir: str, *, max_steps: Optional[int], progress: boo
   offset, report = 0, []
   for stage in stages:
     c = stage_config(config, stage, _teacher_config(config, workdir))
-    total = stage_steps(c)
+    total = stage_steps(c, stage.workdir)
     done_step = _finished_step(stage.workdir)
     entry = {'name': stage.name, 'workdir': stage.workdir, 'num_steps': stage.num_steps,
              'step': done_step, 'total_steps': total, 'done': done_step >= total}

@@ -31,6 +31,7 @@ from diffjax import state as state_lib
 from diffjax.objectives import base as objectives_base
 from diffjax.runs import checkpoint as ckpt_lib
 from diffjax.runs import files
+from diffjax.runs import progress as progress_lib
 from diffjax.training import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,11 @@ MAX_CONSECUTIVE_SKIPS = 10  # skip_nonfinite: this many non-finite steps in a ro
 
 # What a checkpoint depends on: a resume whose config differs here is refused (listing the keys)
 # unless allow_config_change. Everything else (total_images, logging, sampling, checkpoint
-# cadence, optim.lr, data.data_dir) may change on resume. train.batch_size is here because the
-# step counter carries the run's position: n_img = step·batch drives kimg, the lr ramp and decay,
-# the EMA ramp and the data position, so another batch size would make them all wrong.
+# cadence, optim.lr, data.data_dir) may change on resume, train.batch_size too: the run's position
+# is counted in images seen (`runs.progress`), which drive kimg, the lr ramp and decay, the EMA
+# ramps, the training length and the data position, so they all go on where they were.
 RESUME_FIXED = ('model', 'precond', 'loss', 'data', 'augment', 'distill', 'seed',
-                'train.batch_size', 'train.ema_halflife_images', 'train.ema_rampup_ratio',
+                'train.ema_halflife_images', 'train.ema_rampup_ratio',
                 'train.phema_stds', 'optim.grad_clip', 'optim.weight_decay')
 RESUME_FREE = ('data.data_dir', 'data.skip_bad_images', 'distill.teacher_workdir')
 
@@ -109,9 +110,29 @@ def _check_resume_config(config, workdir: str, allow: bool) -> None:
               shown)
 
 
-def total_steps(config) -> int:
-  """Training length in steps from config.train.total_images (EDM counts images, not steps)."""
-  return int(math.ceil(config.train.total_images / config.train.batch_size))
+def total_steps(config, segments=None) -> int:
+  """Training length in steps from config.train.total_images (EDM counts images, not steps).
+
+  ceil(total_images / batch); with the run's `runs.progress` segments (the last one at
+  config.train.batch_size from step0 on): step0 + ceil((total_images − n_img(step0)) / batch).
+  """
+  if not segments:
+    return int(math.ceil(config.train.total_images / config.train.batch_size))
+  step0, batch = segments[-1]
+  left = float(config.train.total_images) - progress_lib.images_at(segments, step0)
+  return int(step0) + max(0, int(math.ceil(left / batch)))
+
+
+def resumed_total_steps(config, workdir: str, step: int) -> int:
+  """`total_steps` of the run in `workdir` resumed at checkpoint `step` with `config`'s batch size.
+
+  The batch size may differ from the one(s) the run was trained with (`runs.progress`).
+  """
+  batch = int(config.train.batch_size)
+  if not step:
+    return total_steps(config)
+  segments = progress_lib.read_segments(workdir, batch)
+  return total_steps(config, progress_lib.continue_from(segments, step, batch))
 
 
 def phema_stds(config) -> tuple:
@@ -375,24 +396,46 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
   batch_size = int(config.train.batch_size)
   rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   from diffjax import data  # Lazy: tensorflow_datasets loads only when data is read.
+  skipped = ''
   if checkpointer.steps():
     _check_resume_config(config, workdir, allow_config_change)
     abstract = ckpt_lib.abstract_like(jax.eval_shape(make_state), rep)
     # Unusable newer steps are moved aside (to checkpoints/damaged/) so they can be redone.
     state, start = checkpointer.restore(abstract, move_aside=True)
-    if is_main:
-      skipped = ''
-      if checkpointer.skipped:
-        skipped = (f' (step(s) {", ".join(map(str, checkpointer.skipped))} could not be used '
-                   f'and were moved to {runs.CHECKPOINT_DIR}/{ckpt_lib.DAMAGED_DIR}/)')
-      print(f'Resuming from step {start} of {workdir}{skipped}.', flush=True)
+    if checkpointer.skipped:
+      skipped = (f' (step(s) {", ".join(map(str, checkpointer.skipped))} could not be used '
+                 f'and were moved to {runs.CHECKPOINT_DIR}/{ckpt_lib.DAMAGED_DIR}/)')
   else:
     state, start = None, 0
+  # The run's position in images (runs.progress): segments of one batch size each, the last the
+  # one this run trains in, from step0 on, with n_img = img0 + (step − step0)·batch there. A run
+  # that keeps its batch size has one segment from 0 (n_img = step·batch, as always).
+  before = progress_lib.read_segments(workdir, batch_size) if start else []
+  segments = progress_lib.continue_from(before, start, batch_size)
+  step0, img0 = segments[-1][0], progress_lib.images_at(segments, segments[-1][0])
+  images_at = lambda s: img0 + (s - step0) * batch_size
+  if step0:  # The optimizer's lr schedule counts images from the segment's start too.
+    tx = build.build_optimizer(config, step0=step0, images_at_step0=img0)
+  last = (total_steps(config, segments) if max_steps is None else
+          min(max_steps, total_steps(config, segments)))
+  if start and is_main:
+    old = [b for a, b in before if a < start][-1:] or [batch_size]
+    change = ''
+    if old[0] != batch_size:
+      change = (f' ({images_at(start) / 1e3:g} kimg) with batch size {batch_size} instead of '
+                f'{old[0]}; kimg, the lr and EMA schedules and the data go on in images, to step '
+                f'{total_steps(config, segments)} ({float(config.train.total_images) / 1e3:g} '
+                'kimg)')
+    print(f'Resuming from step {start} of {workdir}{skipped}{change}.', flush=True)
   # The data is opened before a fresh state is compiled: a dataset that is not prepared should
-  # fail in a second, not after minutes of compilation.
+  # fail in a second, not after minutes of compilation. Its stream is in images (position
+  # p = step·batch + j, data/pipeline.py): it goes on at batch n_img // batch, the very images an
+  # unchanged run would show next unless a batch change left n_img off a multiple of the new
+  # batch; then the < batch images before n_img are shown again (none is skipped).
   iterator = resources['iterator'] = data.make_iterator(
       config.data.name, split='train', global_batch_size=batch_size, seed=int(config.seed),
-      start_step=start, data_dir=config.data.data_dir or None, x_flip=bool(config.data.x_flip),
+      start_step=images_at(start) // batch_size, data_dir=config.data.data_dir or None,
+      x_flip=bool(config.data.x_flip),
       skip_bad_images=bool(config.data.get('skip_bad_images', False)))
   if state is None and init_params is not None:
     # Given params (e.g. a teacher's) are placed as they are, not baked into a jitted init.
@@ -401,16 +444,20 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
         params, tx, step_lib.initial_extra(objective, params, phema_stds(config))), rep)
   elif state is None:
     state = jax.jit(make_state, out_shardings=rep)()
+  # The init's (or restore's) compile and host copies are freed but kept by the C heap: return
+  # them before the step is compiled (and again after, below).
+  parallel.release_host_memory()
 
-  last = total_steps(config) if max_steps is None else min(max_steps, total_steps(config))
   o = config.optim
   train_step = step_lib.make_train_step(
       objective, tx, batch_size=batch_size,
       ema_halflife_images=config.train.ema_halflife_images,
       ema_rampup_ratio=config.train.ema_rampup_ratio,
       skip_nonfinite=bool(config.train.skip_nonfinite), phema_stds=phema_stds(config),
+      step0=step0, images_at_step0=img0,
       lr_fn=lambda s: state_lib.learning_rate(s, o.lr, o.lr_rampup_images, batch_size,
-                                              float(o.get('lr_decay_images', 0.0))))
+                                              float(o.get('lr_decay_images', 0.0)), step0=step0,
+                                              images_at_step0=img0))
   jitted_step = jax.jit(train_step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep),
                         donate_argnums=(0,))
   preview = _make_preview(config, denoiser, spec, mesh)
@@ -433,6 +480,9 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
       return
     if is_main and not config_saved:
       try:
+        # The record first: a kill before config.json leaves the old config.json with a record
+        # that describes every checkpoint (the reverse would count them all at the new batch).
+        progress_lib.write_segments(workdir, segments)
         runs.save_config(config, workdir)
       except OSError as e:
         raise _unwritable(workdir, e) from e
@@ -461,6 +511,13 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
   t_window, n_window = time.time(), 0
   while step < last and stop.signal is None:
     batch = parallel.shard_batch(next(iterator), mesh)
+    if step == start:
+      # Compiled ahead of the first call so that the compiler's freed memory can be returned
+      # before the step's temporaries are allocated: the C heap does not reuse most of it
+      # (benchmarks/memory.py, CIFAR batch 16: peak 3263 → 2792 MiB with both trims; trimming
+      # after the first step instead of before it saves nothing).
+      jitted_step = jitted_step.lower(state, batch, key_train).compile()
+      parallel.release_host_memory()
     state, metrics = jitted_step(state, batch, key_train)
     step += 1
     # Reading the metrics every step bounds the dispatch queue (multi-device CPU runs deadlock
@@ -499,7 +556,7 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
       elapsed = max(time.time() - t_window, 1e-9)
       scalars = {k: float(np.mean(v)) for k, v in window.items() if v}
       scalars.update(img_per_s=n_window * batch_size / elapsed, lr=float(m.get('lr', 0.0)),
-                     kimg=step * batch_size / 1e3)
+                     ema_beta=float(m['ema_beta']), kimg=images_at(step) / 1e3)
       writer.write(step, scalars)
       if bar is not None:
         bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}",
@@ -518,6 +575,10 @@ def _run(config, workdir, stop, checkpointer, resources, *, is_main, mesh, spec,
     save(step)
     checkpointer.wait()
     resume = checkpointer.latest_step()
+    if resume is None:  # stopped during start-up, before the first step of a new run
+      raise TrainingInterrupted(
+          f'Caught {stop.signal} before the first step: nothing was saved; rerun the same '
+          'command to start the run.', state=state, step=0)
     raise TrainingInterrupted(
         f'Caught {stop.signal} at step {step}: saved checkpoint step {resume} in '
         f'{checkpointer.directory}; rerun the same command to resume from step {resume}.',

@@ -68,7 +68,8 @@ def all_finite(tree) -> jax.Array:
 def make_train_step(objective, tx: optax.GradientTransformation, *, batch_size: int,
                     ema_halflife_images: float, ema_rampup_ratio: Optional[float] = 0.05,
                     skip_nonfinite: bool = False, lr_fn: Optional[Callable] = None,
-                    phema_stds: Sequence[float] = ()) -> Callable:
+                    phema_stds: Sequence[float] = (), step0: int = 0,
+                    images_at_step0: float = 0.0) -> Callable:
   """Builds the pure train step around any objective.
 
   Args:
@@ -82,6 +83,10 @@ def make_train_step(objective, tx: optax.GradientTransformation, *, batch_size: 
     lr_fn: step -> learning rate, only reported in the metrics.
     phema_stds: σ_rel of the power-function EMAs to track in `state.extra` (see `initial_extra`,
       which must have built the state's extra with the same values).
+    step0, images_at_step0: images seen are n_img = images_at_step0 + (step − step0)·batch_size
+      (`state.images_seen`; by default step·batch_size). A run resumed with another batch size
+      passes the start of its segment (`runs.progress`), so that the EMA ramp and the post-hoc
+      EMA profiles go on in images; lr_fn gets the same from the loop.
 
   Returns:
     train_step(state, batch, base_key) -> (new_state, metrics); metrics are scalars: loss,
@@ -107,7 +112,8 @@ def make_train_step(objective, tx: optax.GradientTransformation, *, batch_size: 
       grads = jax.tree.map(lambda g: g / scale, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    beta = state_lib.ema_beta(state.step, batch_size, ema_halflife_images, ema_rampup_ratio)
+    beta = state_lib.ema_beta(state.step, batch_size, ema_halflife_images, ema_rampup_ratio,
+                              step0=step0, images_at_step0=images_at_step0)
     ema_params = state_lib.update_ema(state.ema_params, params, beta)
     # Params are checked too: a finite gradient with a bad learning rate can still poison them.
     finite = jnp.isfinite(value) & all_finite(params)
@@ -116,7 +122,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, *, batch_size: 
     extra = objective.update_extra(obj_extra, aux)
     if phema_stds:
       # EDM2 Eq. 127 with t = images seen after this step: β = 0 at the first step.
-      t_next = (state.step + 1).astype(jnp.float32) * batch_size
+      t_next = state_lib.images_seen(state.step + 1, batch_size, step0, images_at_step0)
       extra = {OBJECTIVE: extra, PHEMA: {
           k: state_lib.update_ema(state.extra[PHEMA][k], params,
                                   ema_lib.power_function_beta(s, t_next, float(batch_size)))

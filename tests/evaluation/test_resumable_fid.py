@@ -109,6 +109,10 @@ def test_edm3_resumes_to_the_uninterrupted_result(run_dir, tiny_features, tmp_pa
   shard_dir = tmp_path / 'eval' / 'r' / 'shards'
   names = sorted(p.name for p in shard_dir.glob('shard-*.npz'))
   assert len(names) == 6 and full['found'] == 0  # 3 sets of 6 seeds in shards of 4 + 2
+  fids = [s['fid'] for s in full['sets']]
+  assert [s['seeds'] for s in full['sets']] == ['0-5', '6-11', '12-17'] and len(set(fids)) == 3
+  assert full['fid'] == min(fids) and full['reported_set'] == int(np.argmin(fids))
+  assert full['protocol'] == 'edm3' and full['num_images'] == 6
   # One-pass statistics of a set (all its seeds in one group) equal its merged shards'.
   run = runs.load(run_dir)
   for k, s in enumerate(full['sets'][1:2]):

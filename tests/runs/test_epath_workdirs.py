@@ -15,13 +15,11 @@ import socket
 import subprocess
 import sys
 import time
-from unittest import mock
 
 import numpy as np
 import pytest
+from epath_gs import mock_gs
 from etils import epath
-from etils.epath import gpath
-from etils.epath import testing as epath_testing
 from PIL import Image
 
 from configs import edm as edm_configs
@@ -77,21 +75,7 @@ def test_a_local_run_through_epath_and_str_workdirs(data_dir, tmp_path):
 @pytest.fixture
 def gs(tmp_path):
   """gs://bucket/... routed to tmp_path/bucket/... through epath's backend (no network)."""
-  def local(p):
-    p = os.fspath(p)
-    return str(tmp_path) + '/' + p[len('gs://'):] if p.startswith('gs://') else p
-
-  def one(fn, p, *args, **kwargs):
-    return fn(local(p), *args, **kwargs)
-
-  def two(fn, a, b, *args, **kwargs):
-    return fn(local(a), local(b), *args, **kwargs)
-
-  one_path = ('exists', 'glob', 'isdir', 'listdir', 'makedirs', 'mkdir', 'open', 'remove',
-              'rmtree', 'stat', 'walk')
-  with epath_testing.mock_epath(**{n: one for n in one_path},
-                                **{n: two for n in ('copy', 'rename', 'replace')}), \
-      mock.patch.object(gpath, '_is_tf_installed', lambda: False):  # else TF's GCS client
+  with mock_gs(tmp_path) as local:
     yield local
 
 

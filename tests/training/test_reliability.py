@@ -290,8 +290,9 @@ def test_kills_and_signals_end_where_an_uninterrupted_run_does(reference, data_d
           '--config.train.num_preview=0']
   server, env = forkserver.get(), forkserver.child_env(TFDS_DATA_DIR=data_dir)
   rng = random.Random(8)
-  plan = ['save', 'step', 'startup', 'save', 'SIGTERM', 'step', 'save', 'step', 'startup',
-          'SIGINT', 'save', 'step', 'save']
+  # Every kind of interruption, each more than once where it matters (saves are where a kill does
+  # damage); eight restarts keep the test affordable (each restart compiles the step).
+  plan = ['save', 'step', 'startup', 'save', 'SIGTERM', 'step', 'SIGINT', 'save']
   kills, mid_save, history = 0, 0, []
   for action in plan:
     resume = max(_committed(workdir), default=0)
@@ -321,7 +322,7 @@ def test_kills_and_signals_end_where_an_uninterrupted_run_does(reference, data_d
     history.append((action, resume, max(_committed(workdir), default=0)))
   print(f'kill loop: {kills} SIGKILLs ({mid_save} mid-save) and 2 signals: '
         + ', '.join(f'{a}@{r}->{c}' for a, r, c in history))
-  assert kills >= 10 and mid_save >= 3, history
+  assert kills >= 6 and mid_save >= 2, history
   assert history[-1][2] < STEPS, history  # the last run still has steps to do
 
   final = server.run('train.py', argv, env=env, timeout=300)

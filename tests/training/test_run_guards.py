@@ -59,10 +59,10 @@ def test_unwritable_checkpoints_mid_run_stop_at_the_first_failed_save(data_dir, 
   # keys, before anything is written; fields that may change on resume are accepted.
   changed = tiny_config(4, checkpoint_every=1)
   changed.loss.kwargs.p_mean = -1.0
-  changed.train.batch_size = 16
+  changed.train.batch_size = 16  # may change: the run goes on in images (test_batch_change.py)
   before = sorted(os.listdir(workdir))
-  with pytest.raises(ValueError, match=r'differs from the one .* in loss\.kwargs\.p_mean, '
-                                       r'train\.batch_size; .*--allow_config_change'):
+  with pytest.raises(ValueError, match=r'differs from the one .* in loss\.kwargs\.p_mean; '
+                                       r'.*--allow_config_change'):
     loop.train(changed, workdir, progress=False)
   assert sorted(os.listdir(workdir)) == before
   free = tiny_config(20, log_every=5, checkpoint_every=7, keep_checkpoints=5)
@@ -95,3 +95,22 @@ def test_empty_run_lengths_are_refused_up_front(tmp_path, total_images, max_step
   with pytest.raises(ValueError, match=says):
     loop.train(config, workdir, max_steps=max_steps, progress=False)
   assert not os.path.exists(workdir)
+
+
+def test_a_stop_during_start_up_says_nothing_was_saved(data_dir, tmp_path, monkeypatch):
+  import signal
+
+  from diffjax import data
+  make_iterator = data.make_iterator
+
+  def preempted(*args, **kwargs):  # SIGTERM while the run starts (before its first step)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return make_iterator(*args, **kwargs)
+
+  monkeypatch.setattr(data, 'make_iterator', preempted)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(loop.TrainingInterrupted, match=r'^Caught SIGTERM before the first step: '
+                     r'nothing was saved; rerun the same command to start the run\.$'):
+    loop.train(tiny_config(4), workdir, progress=False)
+  assert not os.path.exists(os.path.join(workdir, runs.CHECKPOINT_DIR, '0'))
+  assert not os.path.exists(os.path.join(workdir, runs.CONFIG_FILE))
