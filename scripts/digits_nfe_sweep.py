@@ -7,16 +7,19 @@ solver) from the run's EMA network with each solver of `SOLVERS` on EDM's Karras
 the network, as `sample.py` does) at about each target NFE, scores them with the digits evaluator
 (`diffjax.evaluation.digits_classifier.digits_metrics`: Fréchet distance to the train split in
 the digits classifier's feature space, and the classifier's accuracy on the intended classes), and
-writes a log-log plot of FD against NFE (docs/digits_nfe_sweep.png by default) and prints markdown
+writes log-log plots of FD against NFE (docs/digits_nfe_sweep.png for the ODE solvers and
+docs/digits_nfe_sweep_stochastic.png for the others, by default) and prints markdown
 tables. Results go to `--results` (default WORKDIR/eval/nfe_sweep.json) as they come, and a rerun
 skips the points already there, so an interrupted sweep resumes.
 
-NFE per run of N steps on a grid ending in σ = 0 (the last step costs one evaluation): heun and
-dpm_2 spend 2N − 1, so a target T uses N = (T + 1) // 2 (NFE 5, 9, 19, 35 for 5, 10, 20, 35);
-every other solver here spends N. DDIM (η = 0) is not listed: on an EDM run it is Euler on the
-PF-ODE in σ (EDM §3), i.e. the `euler` row; the `ddim` sampler itself is for discrete (DDPM) runs.
-The stochastic rows (euler_ancestral, dpmpp_2m_sde, dpmpp_3m_sde) run with their defaults
-(η = 1; Brownian-tree noise for the SDE solvers), from the same per-seed keys.
+NFE per run of N steps on a grid ending in σ = 0 (the last step costs one evaluation): heun,
+dpm_2, dpm_2_ancestral, dpmpp_2s_ancestral and dpmpp_sde spend 2N − 1, so a target T uses
+N = (T + 1) // 2 (NFE 5, 9, 19, 35 for 5, 10, 20, 35); every other solver here spends N (dpm_fast:
+N − 1 solver evaluations and the final denoising). DDIM (η = 0) is not listed: on an EDM run it is
+Euler on the PF-ODE in σ (EDM §3), i.e. the `euler` row; the `ddim` sampler itself is for discrete
+(DDPM) runs. dpm_adaptive is not listed: its NFE is set by its tolerances, per sample, not by a
+grid. The stochastic rows (η=1) run with their defaults (Brownian-tree noise for the SDE solvers,
+gaussian for the ancestral ones), from the same per-seed keys.
 
 The figure is drawn with PIL (as scripts/solver_error_curves.py): no plotting package needed.
 """
@@ -48,8 +51,14 @@ SOLVERS = {
     'unipc-3 bh2': ('unipc', {'order': 3}, 1),
     'deis-2': ('deis', {'order': 2}, 1),
     'deis-3': ('deis', {'order': 3}, 1),
+    'unipc-3 bh1': ('unipc', {'order': 3, 'solver_type': 'bh1'}, 1),
+    'dpm_fast': ('dpm_fast', {}, 1),
     'euler_ancestral (η=1)': ('euler_ancestral', {}, 1),
+    'dpm_2_ancestral (η=1)': ('dpm_2_ancestral', {}, 2),
+    'dpmpp_2s_ancestral (η=1)': ('dpmpp_2s_ancestral', {}, 2),
+    'dpmpp_sde (η=1)': ('dpmpp_sde', {}, 2),
     'dpmpp_2m_sde (η=1)': ('dpmpp_2m_sde', {}, 1),
+    'dpmpp_2m_sde_heun (η=1)': ('dpmpp_2m_sde_heun', {}, 1),
     'dpmpp_3m_sde (η=1)': ('dpmpp_3m_sde', {}, 1),
 }
 
@@ -253,12 +262,22 @@ def main():
   results = args.results or os.path.join(args.workdir, 'eval', 'nfe_sweep.json')
   data, step = sweep(args.workdir, targets, solvers, args.num, args.batch, results)
   floor, n_real = reference_fd(args.num)
-  plot_lines({k: [(p['nfe'], p['fd']) for p in v] for k, v in data.items()}, args.out,
-             f'Digits evaluator FD against NFE: {os.path.basename(os.path.normpath(args.workdir))}'
-             f' at step {step}, {args.num} images per point, Karras σ', 'NFE (denoiser evaluations)',
-             'FD', x_ticks=(3, 5, 9, 10, 19, 20, 35),
-             hline=(floor, f'{n_real} real test images: FD {floor:.2f}'))
-  print(f'wrote {args.out}; {n_real} real test images score FD {floor:.2f}\n')
+  # Two figures, ODE and stochastic solvers, so that no two lines of one figure share a colour.
+  stochastic = {k: v for k, v in data.items() if 'η=' in k}
+  outs = []
+  for kind, part, out in (('ODE', {k: v for k, v in data.items() if k not in stochastic}, args.out),
+                          ('stochastic', stochastic,
+                           os.path.splitext(args.out)[0] + '_stochastic.png')):
+    if not part:
+      continue
+    plot_lines({k: [(p['nfe'], p['fd']) for p in v] for k, v in part.items()}, out,
+               f'Digits evaluator FD against NFE, {kind} solvers: '
+               f'{os.path.basename(os.path.normpath(args.workdir))} at step {step}, {args.num} '
+               'images per point, Karras σ', 'NFE (denoiser evaluations)', 'FD',
+               x_ticks=(3, 5, 9, 10, 19, 20, 35),
+               hline=(floor, f'{n_real} real test images: FD {floor:.2f}'))
+    outs.append(out)
+  print(f'wrote {", ".join(outs)}; {n_real} real test images score FD {floor:.2f}\n')
   print(table(data, targets, 'fd', '.2f') + '\n')
   print(table(data, targets, 'accuracy', '.3f') + '\n')
   near10 = [(min(v, key=lambda p: abs(p['nfe'] - 10)), k) for k, v in data.items()]
