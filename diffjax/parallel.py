@@ -339,8 +339,9 @@ def release_host_memory() -> bool:
   XLA:CPU allocates its buffers, and the compiler its working memory, with the C library's
   malloc, which keeps freed memory for reuse instead of returning it. After a compile or a first
   step most of that is never reused, and on a host that also runs the data pipeline it is memory
-  the process holds for nothing: the train loop calls this after building the state, after
-  compiling the step and after the first step (benchmarks/memory.py measures what it saves).
+  the process holds for nothing: the train loop calls this after building (or restoring) the
+  state and after compiling the step, before its first call (benchmarks/memory.py measures what
+  it saves; trimming after the first step saved nothing).
   Device memory (GPU/TPU) is not touched. Costs a few milliseconds; safe at any time.
   """
   try:

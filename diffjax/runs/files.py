@@ -48,15 +48,9 @@ def write_atomic(p: PathLike, text: str) -> None:
   """Writes `text` to `p` so that no reader ever sees a truncated file.
 
   Local: written aside and renamed (a run killed mid-write leaves the old file). Remote: one
-  object write, which the store commits whole.
+  object write, which the store commits whole. (`write_whole` with the text as UTF-8.)
   """
-  p = path(p)
-  if not is_local(p):
-    p.write_text(text)
-    return
-  tmp = p.parent / f'{p.name}.tmp-{os.getpid()}'
-  tmp.write_text(text)
-  os.replace(tmp, p)
+  write_whole(p, lambda f: f.write(text.encode()))
 
 
 def write_whole(p: PathLike, write: Callable[[BinaryIO], object]) -> None:
